@@ -1,0 +1,614 @@
+//! `sharder build`: input listing -> seeded global shuffle -> parallel read/validate -> ordered,
+//! atomic, resumable shard writing.
+//!
+//! Output directory:
+//!
+//! ```text
+//! <prefix>-000000.tar ...   complete shards (written as .<name>.tmp, fsynced, then renamed)
+//! manifest.json             every shard with samples, bytes, sha256; totals (written last)
+//! classes.txt               class names, line i = class index i
+//! rejected.tsv              path<TAB>reason for every rejected input file
+//! .sharder-journal.jsonl    only while a run is unfinished: one line per completed shard
+//! ```
+//!
+//! Determinism: the sample order is a Fisher-Yates shuffle of the sorted input listing seeded
+//! with `--seed`; workers only read and validate, the writer consumes their results in that
+//! order, so shards are byte-identical whatever the worker count. `--resume` re-reads the
+//! journal, checks every journaled shard (size and sha256) and continues at the first input file
+//! after the last complete shard: the result equals an uninterrupted run.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use cae_pipeline::manifest::{MANIFEST_FILE, MANIFEST_FORMAT, Manifest, ShardEntry};
+use cae_pipeline::wds::{CLASS_EXT, IMAGE_EXT, META_EXT, ShardWriter, sha256_file};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::ShardError;
+use crate::input::{self, InputListing};
+use crate::process::{Outcome, Prepared, ProcessOptions, Validate, process};
+
+/// Name of the resume journal.
+pub const JOURNAL_FILE: &str = ".sharder-journal.jsonl";
+/// Name of the rejection list.
+pub const REJECTED_FILE: &str = "rejected.tsv";
+/// Name of the class list.
+pub const CLASSES_FILE: &str = "classes.txt";
+/// Digest of the input and options of the finished build (lets `--resume` recognise it).
+pub const PLAN_FILE: &str = ".sharder-plan";
+/// Environment variable for crash tests: abort (like `kill -9`) in the middle of the shard after
+/// this many shards were completed by this process.
+pub const CRASH_ENV: &str = "CAE_SHARDER_CRASH_AFTER_SHARDS";
+
+/// Everything `sharder build` needs.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    /// `path<TAB>class` list instead of walking class folders.
+    pub list: Option<PathBuf>,
+    /// Fixed class order (one name per line), e.g. the train set's classes.txt.
+    pub classes: Option<PathBuf>,
+    pub shard_max_samples: u64,
+    pub shard_max_bytes: u64,
+    pub prefix: String,
+    pub seed: u64,
+    pub workers: usize,
+    pub validate: Validate,
+    pub max_side: Option<u32>,
+    pub resume: bool,
+    pub force: bool,
+    pub strict: bool,
+    /// Show a progress bar (when stderr is a terminal).
+    pub progress: bool,
+}
+
+impl BuildOptions {
+    /// Defaults of the command line for the given folders.
+    pub fn new(input: impl Into<PathBuf>, output: impl Into<PathBuf>) -> Self {
+        Self {
+            input: input.into(),
+            output: output.into(),
+            list: None,
+            classes: None,
+            shard_max_samples: 10_000,
+            shard_max_bytes: 1 << 30,
+            prefix: "train".into(),
+            seed: 0,
+            workers: default_workers(),
+            validate: Validate::Decode,
+            max_side: None,
+            resume: false,
+            force: false,
+            strict: false,
+            progress: false,
+        }
+    }
+}
+
+/// All cores.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// What a build did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BuildReport {
+    pub input_files: u64,
+    pub samples: u64,
+    pub rejected: u64,
+    pub converted: u64,
+    pub shards: u64,
+    /// Input bytes read by this process (resumed parts are not re-read).
+    pub bytes_read: u64,
+    /// Shard bytes in the output.
+    pub bytes_written: u64,
+    /// Input files processed by this process.
+    pub files_processed: u64,
+    pub seconds: f64,
+    /// Shards found complete and kept by `--resume`.
+    pub resumed_shards: u64,
+}
+
+impl BuildReport {
+    pub fn images_per_second(&self) -> f64 {
+        self.files_processed as f64 / self.seconds.max(1e-9)
+    }
+    pub fn mb_per_second(&self) -> f64 {
+        self.bytes_read as f64 / 1e6 / self.seconds.max(1e-9)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum JournalLine {
+    Header { plan: String },
+    Shard { shard: ShardEntry, next_input: u64, converted: u64, rejected: Vec<(String, String)> },
+}
+
+/// Runs a build.
+pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
+    let start = Instant::now();
+    let listing = list_input(opts)?;
+    let n = listing.files.len() as u64;
+    let plan = plan_digest(opts, &listing);
+    prepare_output(opts)?;
+
+    // Journal: what an earlier, interrupted run already completed.
+    let journal_path = opts.output.join(JOURNAL_FILE);
+    let mut done: Vec<Done> = Vec::new();
+    if opts.resume {
+        if let Some(m) = finished_manifest(opts, &plan)? {
+            tracing::info!("{} is already complete ({} shards)", opts.output.display(), m.shards.len());
+            return Ok(report_from_manifest(&m, start));
+        }
+        done = read_journal(&journal_path, &plan, &opts.output)?;
+    }
+    let resumed_shards = done.len() as u64;
+    rewrite_journal(&journal_path, &plan, &done)?;
+
+    let mut order: Vec<usize> = (0..listing.files.len()).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(opts.seed));
+    let next_input = done.last().map_or(0, |d| d.1);
+
+    let mut writer = OrderedWriter {
+        opts,
+        journal_path: journal_path.clone(),
+        shard_index: done.len() as u64,
+        current: None,
+        done,
+        pending_rejected: Vec::new(),
+        pending_converted: 0,
+        crash_after: std::env::var(CRASH_ENV).ok().and_then(|v| v.parse().ok()),
+        completed_here: 0,
+    };
+
+    let pb = progress_bar(opts.progress, n - next_input);
+    let popts = ProcessOptions { validate: opts.validate, max_side: opts.max_side };
+    let todo: Vec<usize> = order[next_input as usize..].to_vec();
+    let mut bytes_read = 0u64;
+    let workers = opts.workers.max(1);
+    let files = &listing.files;
+
+    std::thread::scope(|s| -> Result<(), ShardError> {
+        let (job_tx, job_rx) = crossbeam_channel::bounded::<(u64, usize)>(workers * 8);
+        let (res_tx, res_rx) = crossbeam_channel::bounded::<(u64, Outcome, u64)>(workers * 8);
+        s.spawn(move || {
+            for (seq, idx) in todo.into_iter().enumerate() {
+                if job_tx.send((seq as u64, idx)).is_err() {
+                    break; // the writer stopped (error): stop feeding
+                }
+            }
+        });
+        for _ in 0..workers {
+            let (job_rx, res_tx) = (job_rx.clone(), res_tx.clone());
+            s.spawn(move || {
+                for (seq, idx) in job_rx {
+                    let mut read = 0;
+                    let out = process(&files[idx], &popts, &mut read);
+                    if res_tx.send((seq, out, read)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(res_tx);
+        drop(job_rx);
+        // Reorder: results arrive in any order, shards are written in shuffled order. The buffer
+        // holds at most the items in flight (two bounded channels plus one per worker).
+        let mut next_seq = 0u64;
+        let mut buffer: BTreeMap<u64, Outcome> = BTreeMap::new();
+        for (seq, out, read) in res_rx.iter() {
+            bytes_read += read;
+            buffer.insert(seq, out);
+            while let Some(out) = buffer.remove(&next_seq) {
+                let input_pos = next_input + next_seq + 1;
+                writer.accept(out, input_pos)?;
+                next_seq += 1;
+                pb.inc(1);
+                let secs = start.elapsed().as_secs_f64().max(1e-9);
+                if next_seq.is_multiple_of(64) {
+                    pb.set_message(format!("{:.1} MB/s", bytes_read as f64 / 1e6 / secs));
+                }
+            }
+        }
+        Ok(())
+    })?;
+    writer.close_shard(n)?;
+    pb.finish_and_clear();
+
+    let manifest = writer.finish(&listing, n)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let report = BuildReport {
+        input_files: n,
+        samples: manifest.total_samples,
+        rejected: manifest.rejected,
+        converted: manifest.converted,
+        shards: manifest.shards.len() as u64,
+        bytes_read,
+        bytes_written: manifest.total_bytes,
+        files_processed: n - next_input,
+        seconds,
+        resumed_shards,
+    };
+    if opts.strict && report.rejected > 0 {
+        return Err(ShardError::Strict(report.rejected));
+    }
+    Ok(report)
+}
+
+fn list_input(opts: &BuildOptions) -> Result<InputListing, ShardError> {
+    let fixed_classes = match &opts.classes {
+        Some(p) => Some(
+            fs::read_to_string(p)
+                .map_err(|e| ShardError::input(p, e))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>(),
+        ),
+        None => None,
+    };
+    match &opts.list {
+        Some(list) => input::read_list(&opts.input, list, fixed_classes),
+        None => {
+            let mut l = input::walk_class_folders(&opts.input)?;
+            if let Some(c) = fixed_classes {
+                let relisted = InputListing { files: Vec::new(), classes: c };
+                let index: std::collections::HashMap<&str, usize> =
+                    relisted.classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
+                for f in &mut l.files {
+                    f.class_index = f.class.as_deref().and_then(|c| index.get(c).copied());
+                    if f.class.is_some() && f.class_index.is_none() {
+                        return Err(ShardError::Input {
+                            path: f.path.clone(),
+                            message: format!("class {:?} is not in the given classes file", f.class),
+                        });
+                    }
+                }
+                l.classes = relisted.classes;
+            }
+            Ok(l)
+        }
+    }
+}
+
+/// Digest of everything that determines the output, so `--resume` refuses a changed run.
+fn plan_digest(opts: &BuildOptions, listing: &InputListing) -> String {
+    let mut h = Sha256::new();
+    h.update(format!(
+        "v1 seed={} max_samples={} max_bytes={} prefix={} validate={:?} max_side={:?}\n",
+        opts.seed, opts.shard_max_samples, opts.shard_max_bytes, opts.prefix, opts.validate, opts.max_side
+    ));
+    for c in &listing.classes {
+        h.update(format!("class {c}\n"));
+    }
+    for f in &listing.files {
+        h.update(format!("file {}\t{:?}\t{}\n", f.rel_path, f.class_index, f.key));
+    }
+    hex::encode(h.finalize())
+}
+
+fn is_ours(name: &str, prefix: &str) -> bool {
+    name == MANIFEST_FILE
+        || name == JOURNAL_FILE
+        || name == REJECTED_FILE
+        || name == CLASSES_FILE
+        || name == PLAN_FILE
+        || (name.starts_with(&format!("{prefix}-")) && name.ends_with(".tar"))
+        || (name.starts_with('.') && name.ends_with(".tmp"))
+}
+
+fn prepare_output(opts: &BuildOptions) -> Result<(), ShardError> {
+    let out = &opts.output;
+    fs::create_dir_all(out).map_err(|e| ShardError::write(out, e))?;
+    let entries: Vec<PathBuf> =
+        fs::read_dir(out).map_err(|e| ShardError::write(out, e))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    if entries.is_empty() {
+        return Ok(());
+    }
+    if opts.force {
+        for p in entries {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if is_ours(&name, &opts.prefix) {
+                fs::remove_file(&p).map_err(|e| ShardError::write(&p, e))?;
+            }
+        }
+        return Ok(());
+    }
+    if opts.resume {
+        // Torn temporary files of the interrupted run are never complete: drop them.
+        for p in entries {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                fs::remove_file(&p).map_err(|e| ShardError::write(&p, e))?;
+            }
+        }
+        return Ok(());
+    }
+    Err(ShardError::OutputNotEmpty(out.clone()))
+}
+
+fn finished_manifest(opts: &BuildOptions, plan: &str) -> Result<Option<Manifest>, ShardError> {
+    let path = opts.output.join(MANIFEST_FILE);
+    if !path.exists() || opts.output.join(JOURNAL_FILE).exists() {
+        return Ok(None);
+    }
+    let m = Manifest::load(&path).map_err(|e| ShardError::Resume { path: path.clone(), message: e.to_string() })?;
+    let plan_file = opts.output.join(PLAN_FILE);
+    let same = fs::read_to_string(&plan_file).map(|p| p.trim() == plan).unwrap_or(false);
+    if !same {
+        return Err(ShardError::Resume {
+            path: opts.output.clone(),
+            message: "a finished build with other input or options is there (use --force to rebuild)".into(),
+        });
+    }
+    Ok(Some(m))
+}
+
+fn report_from_manifest(m: &Manifest, start: Instant) -> BuildReport {
+    BuildReport {
+        input_files: m.input_files,
+        samples: m.total_samples,
+        rejected: m.rejected,
+        converted: m.converted,
+        shards: m.shards.len() as u64,
+        bytes_written: m.total_bytes,
+        seconds: start.elapsed().as_secs_f64(),
+        resumed_shards: m.shards.len() as u64,
+        ..Default::default()
+    }
+}
+
+type Done = (ShardEntry, u64, u64, Vec<(String, String)>);
+
+fn read_journal(path: &Path, plan: &str, out: &Path) -> Result<Vec<Done>, ShardError> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Ok(Vec::new()); // nothing journaled: start over
+    };
+    let resume_err = |message: String| ShardError::Resume { path: path.to_path_buf(), message };
+    let mut done = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        // A torn last line (killed while appending) ends the journal.
+        let Ok(parsed) = serde_json::from_str::<JournalLine>(line) else { break };
+        match parsed {
+            JournalLine::Header { plan: p } => {
+                if i != 0 || p != plan {
+                    return Err(resume_err(
+                        "the journal was written for another input or other options (use --force to start over)".into(),
+                    ));
+                }
+            }
+            JournalLine::Shard { shard, next_input, converted, rejected } => {
+                if i == 0 {
+                    return Err(resume_err("journal has no header".into()));
+                }
+                // Keep a journaled shard only if the file is there, whole and unchanged.
+                let file = out.join(&shard.name);
+                match sha256_file(&file) {
+                    Ok((bytes, sha)) if bytes == shard.digest.bytes && sha == shard.digest.sha256 => {
+                        done.push((shard, next_input, converted, rejected));
+                    }
+                    _ => {
+                        tracing::warn!("{}: missing or changed, rebuilding from here", file.display());
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+fn rewrite_journal(path: &Path, plan: &str, done: &[Done]) -> Result<(), ShardError> {
+    let mut text = serde_json::to_string(&JournalLine::Header { plan: plan.to_string() }).unwrap_or_default();
+    text.push('\n');
+    for (shard, next_input, converted, rejected) in done {
+        let line = JournalLine::Shard {
+            shard: shard.clone(),
+            next_input: *next_input,
+            converted: *converted,
+            rejected: rejected.clone(),
+        };
+        text.push_str(&serde_json::to_string(&line).unwrap_or_default());
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
+
+/// Writes `path` via a temporary file, fsync and rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ShardError> {
+    let tmp = tmp_path(path);
+    let mut f = fs::File::create(&tmp).map_err(|e| ShardError::write(&tmp, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| ShardError::write(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| ShardError::write(path, e))?;
+    sync_dir(path);
+    Ok(())
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = name.trim_start_matches('.');
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent()
+        && let Ok(d) = fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+}
+
+fn progress_bar(show: bool, len: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} images  {per_sec}  {msg}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+struct OpenShard {
+    name: String,
+    tmp: PathBuf,
+    writer: ShardWriter,
+    /// Estimated tar size so far (headers + padded payloads).
+    size: u64,
+}
+
+struct OrderedWriter<'a> {
+    opts: &'a BuildOptions,
+    journal_path: PathBuf,
+    shard_index: u64,
+    current: Option<OpenShard>,
+    done: Vec<Done>,
+    pending_rejected: Vec<(String, String)>,
+    pending_converted: u64,
+    crash_after: Option<u64>,
+    completed_here: u64,
+}
+
+fn tar_size(payload: usize) -> u64 {
+    512 + payload.div_ceil(512) as u64 * 512
+}
+
+impl OrderedWriter<'_> {
+    /// Takes the next outcome in shuffled order; `input_pos` = inputs consumed after this one.
+    fn accept(&mut self, out: Outcome, input_pos: u64) -> Result<(), ShardError> {
+        match out {
+            Outcome::Rejected { rel_path, reason } => {
+                tracing::warn!("rejected {rel_path}: {reason}");
+                self.pending_rejected.push((rel_path, reason));
+                Ok(())
+            }
+            Outcome::Sample(p) => self.write(&p, input_pos),
+        }
+    }
+
+    fn write(&mut self, p: &Prepared, input_pos: u64) -> Result<(), ShardError> {
+        let cls = p.class_index.to_string();
+        let json = p.meta_json();
+        let size = tar_size(p.jpg.len()) + tar_size(cls.len()) + tar_size(json.len());
+        if let Some(cur) = &self.current
+            && (cur.writer.samples() >= self.opts.shard_max_samples || cur.size + size > self.opts.shard_max_bytes)
+            && cur.writer.samples() > 0
+        {
+            // This sample starts the next shard: the current one ends with the previous input.
+            self.close_shard(input_pos - 1)?;
+        }
+        if self.current.is_none() {
+            let name = format!("{}-{:06}.tar", self.opts.prefix, self.shard_index);
+            let tmp = tmp_path(&self.opts.output.join(&name));
+            let writer = ShardWriter::create(&tmp).map_err(|source| ShardError::Shard { path: tmp.clone(), source })?;
+            self.current = Some(OpenShard { name, tmp, writer, size: 1024 });
+        }
+        let cur = self.current.as_mut().ok_or_else(|| ShardError::Internal("no open shard".into()))?;
+        let fields: [(&str, &[u8]); 3] = [(CLASS_EXT, cls.as_bytes()), (IMAGE_EXT, &p.jpg), (META_EXT, &json)];
+        cur.writer
+            .write_sample(&p.key, &fields)
+            .map_err(|source| ShardError::Shard { path: cur.tmp.clone(), source })?;
+        cur.size += size;
+        if p.meta.action != crate::process::Action::Kept {
+            self.pending_converted += 1;
+        }
+        if self.crash_after.is_some_and(|n| self.completed_here >= n) {
+            // Crash test: die in the middle of a shard, as kill -9 would.
+            tracing::error!("{CRASH_ENV} reached: aborting");
+            std::process::abort();
+        }
+        Ok(())
+    }
+
+    /// Completes the open shard (if any): finish, fsync, rename, journal. `next_input` is the
+    /// number of shuffled inputs fully accounted for by the shards up to this one.
+    fn close_shard(&mut self, next_input: u64) -> Result<(), ShardError> {
+        let Some(cur) = self.current.take() else { return Ok(()) };
+        let digest = cur.writer.finish().map_err(|source| ShardError::Shard { path: cur.tmp.clone(), source })?;
+        let final_path = self.opts.output.join(&cur.name);
+        fs::rename(&cur.tmp, &final_path).map_err(|e| ShardError::write(&final_path, e))?;
+        sync_dir(&final_path);
+        let entry = ShardEntry { name: cur.name, digest };
+        let rejected = std::mem::take(&mut self.pending_rejected);
+        let converted = std::mem::take(&mut self.pending_converted);
+        let line = JournalLine::Shard { shard: entry.clone(), next_input, converted, rejected: rejected.clone() };
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(&self.journal_path)
+            .map_err(|e| ShardError::write(&self.journal_path, e))?;
+        let mut text = serde_json::to_string(&line).unwrap_or_default();
+        text.push('\n');
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| ShardError::write(&self.journal_path, e))?;
+        tracing::debug!("completed {}", entry.name);
+        self.done.push((entry, next_input, converted, rejected));
+        self.shard_index += 1;
+        self.completed_here += 1;
+        Ok(())
+    }
+
+    /// Writes classes.txt, rejected.tsv and finally manifest.json; removes the journal.
+    fn finish(self, listing: &InputListing, input_files: u64) -> Result<Manifest, ShardError> {
+        let out = &self.opts.output;
+        let mut rejected: Vec<(String, String)> = Vec::new();
+        let mut converted = 0;
+        let mut shards = Vec::new();
+        for (entry, _, c, r) in &self.done {
+            shards.push(entry.clone());
+            converted += c;
+            rejected.extend(r.iter().cloned());
+        }
+        rejected.extend(self.pending_rejected.iter().cloned());
+        converted += self.pending_converted;
+        let mut classes = listing.classes.join("\n");
+        classes.push('\n');
+        write_atomic(&out.join(CLASSES_FILE), classes.as_bytes())?;
+        let mut tsv = String::from("path\treason\n");
+        for (p, r) in &rejected {
+            tsv.push_str(&format!("{p}\t{}\n", r.replace(['\t', '\n'], " ")));
+        }
+        write_atomic(&out.join(REJECTED_FILE), tsv.as_bytes())?;
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT.into(),
+            prefix: self.opts.prefix.clone(),
+            seed: self.opts.seed,
+            classes: listing.classes.clone(),
+            input_files,
+            total_samples: shards.iter().map(|s| s.digest.samples).sum(),
+            total_bytes: shards.iter().map(|s| s.digest.bytes).sum(),
+            converted,
+            rejected: rejected.len() as u64,
+            shards,
+        };
+        if manifest.total_samples + manifest.rejected != input_files {
+            return Err(ShardError::Internal(format!(
+                "count identity broken: {} sharded + {} rejected != {} input files",
+                manifest.total_samples, manifest.rejected, input_files
+            )));
+        }
+        let mut json = serde_json::to_vec_pretty(&manifest).map_err(|e| ShardError::Internal(e.to_string()))?;
+        json.push(b'\n');
+        let plan = fs::read_to_string(&self.journal_path)
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| serde_json::from_str::<JournalLine>(l).ok()));
+        if let Some(JournalLine::Header { plan }) = plan {
+            write_atomic(&out.join(PLAN_FILE), plan.as_bytes())?;
+        }
+        write_atomic(&out.join(MANIFEST_FILE), &json)?;
+        fs::remove_file(&self.journal_path).map_err(|e| ShardError::write(&self.journal_path, e))?;
+        Ok(manifest)
+    }
+}

@@ -1,0 +1,285 @@
+//! One input file -> one shard sample, or a rejection with a reason.
+//!
+//! Outcomes (each hostile input has exactly one):
+//! - baseline/progressive/restart-marker JPEG (RGB or grayscale): bytes kept untouched;
+//! - CMYK/YCCK JPEG, non-JPEG images (PNG named .JPEG, GIF, BMP, TIFF, WebP): decoded, re-encoded
+//!   as RGB baseline JPEG (`converted`);
+//! - JPEG with an EXIF orientation other than 1: rotated upright and re-encoded (`converted`), as
+//!   OpenCV's `imdecode` (the reference decoder, spec §1 step 1) would show it; Python readers of
+//!   the shards (PIL ignores EXIF) then see the same pixels as we do;
+//! - longer side over `--max-side`: resized (Lanczos3) and re-encoded (`resized`);
+//! - empty, truncated, corrupt, unreadable, non-image, or outside any class folder: rejected.
+
+use std::io::Read;
+
+use cae_pipeline::decode::{self, DecodeError, Format, JpegInfo, RgbImage};
+use fast_image_resize::images::Image;
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
+use serde::Serialize;
+
+use crate::input::InputFile;
+
+/// JPEG quality of re-encoded images (conversions and resizes).
+pub const REENCODE_QUALITY: u8 = 95;
+
+/// How thoroughly each input image is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Validate {
+    /// Parse the JPEG headers and require an end-of-image marker near the end (fast, I/O bound).
+    Header,
+    /// Fully decode every image (strict: truncated or corrupt data is rejected).
+    Decode,
+}
+
+/// Options that change what a file becomes.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessOptions {
+    pub validate: Validate,
+    pub max_side: Option<u32>,
+}
+
+/// What was done to an accepted file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Original bytes, untouched.
+    Kept,
+    /// Re-encoded as RGB baseline JPEG (CMYK, non-JPEG, EXIF orientation).
+    Converted,
+    /// Re-encoded smaller because the longer side exceeded `--max-side`.
+    Resized,
+}
+
+/// The `key.json` member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SampleMeta {
+    /// Original path relative to the input folder.
+    pub path: String,
+    /// Class name.
+    pub class: String,
+    /// Stored image size.
+    pub width: usize,
+    pub height: usize,
+    pub action: Action,
+    /// Why it was converted/resized (absent when kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// An accepted sample, ready to be written.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub key: String,
+    pub class_index: usize,
+    pub jpg: Vec<u8>,
+    pub meta: SampleMeta,
+}
+
+impl Prepared {
+    /// Bytes of the `.json` member.
+    pub fn meta_json(&self) -> Vec<u8> {
+        // Serialising a struct of strings and integers cannot fail.
+        serde_json::to_vec(&self.meta).unwrap_or_default()
+    }
+}
+
+/// Result of processing one file.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Sample(Box<Prepared>),
+    Rejected { rel_path: String, reason: String },
+}
+
+/// Reads and checks one input file. `bytes_read` is increased by the size read.
+pub fn process(file: &InputFile, opts: &ProcessOptions, bytes_read: &mut u64) -> Outcome {
+    let reject = |reason: String| Outcome::Rejected { rel_path: file.rel_path.clone(), reason };
+    let (Some(class), Some(class_index)) = (&file.class, file.class_index) else {
+        return reject("not inside a class folder".into());
+    };
+    let mut bytes = Vec::new();
+    match std::fs::File::open(&file.path).and_then(|mut f| f.read_to_end(&mut bytes)) {
+        Ok(n) => *bytes_read += n as u64,
+        Err(e) => return reject(format!("unreadable: {e}")),
+    }
+    match prepare(bytes, opts) {
+        Ok((jpg, width, height, action, reason)) => Outcome::Sample(Box::new(Prepared {
+            key: file.key.clone(),
+            class_index,
+            jpg,
+            meta: SampleMeta { path: file.rel_path.clone(), class: class.clone(), width, height, action, reason },
+        })),
+        Err(reason) => reject(reason),
+    }
+}
+
+type Prep = (Vec<u8>, usize, usize, Action, Option<String>);
+
+fn prepare(bytes: Vec<u8>, opts: &ProcessOptions) -> Result<Prep, String> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty.to_string());
+    }
+    let format = Format::sniff(&bytes);
+    match format {
+        Format::Jpeg => prepare_jpeg(bytes, opts),
+        Format::Unknown => Err("not an image (unrecognised file format)".into()),
+        other => {
+            let img = image::load_from_memory(&bytes).map_err(|e| format!("corrupt {other:?} image: {e}"))?;
+            let rgb = img.to_rgb8();
+            let img = RgbImage { width: rgb.width() as usize, height: rgb.height() as usize, pixels: rgb.into_raw() };
+            let reason = format!("{other:?} file converted to JPEG").to_lowercase();
+            reencode(img, opts.max_side, Action::Converted, reason)
+        }
+    }
+}
+
+fn prepare_jpeg(bytes: Vec<u8>, opts: &ProcessOptions) -> Result<Prep, String> {
+    let info: JpegInfo = decode::probe_jpeg(&bytes).map_err(|e| e.to_string())?;
+    let mut reasons = Vec::new();
+    if info.is_cmyk() {
+        reasons.push("cmyk jpeg converted to rgb".to_string());
+    }
+    if info.orientation != 1 {
+        reasons.push(format!("exif orientation {} applied", info.orientation));
+    }
+    let too_big = opts.max_side.is_some_and(|m| info.width.max(info.height) > m as usize);
+    if reasons.is_empty() && !too_big {
+        match opts.validate {
+            Validate::Decode => {
+                decode::decode_jpeg(&bytes, true).map_err(|e| e.to_string())?;
+            }
+            Validate::Header => {
+                if !has_eoi_near_end(&bytes) {
+                    return Err("corrupt JPEG: no end-of-image marker (truncated?)".into());
+                }
+            }
+        }
+        return Ok((bytes, info.width, info.height, Action::Kept, None));
+    }
+    let img = decode::decode_jpeg(&bytes, true).map_err(|e| e.to_string())?;
+    let img = orient(img, info.orientation);
+    let action = if reasons.is_empty() { Action::Resized } else { Action::Converted };
+    reencode(img, opts.max_side, action, reasons.join("; "))
+}
+
+/// JPEG end-of-image marker in the last 64 KiB (real files sometimes carry trailing bytes).
+fn has_eoi_near_end(bytes: &[u8]) -> bool {
+    let tail = &bytes[bytes.len().saturating_sub(64 * 1024)..];
+    tail.windows(2).rev().any(|w| w == [0xFF, 0xD9])
+}
+
+fn reencode(img: RgbImage, max_side: Option<u32>, action: Action, reason: String) -> Result<Prep, String> {
+    let (img, action, reason) = match max_side {
+        Some(m) if img.width.max(img.height) > m as usize => {
+            let note = format!("resized from {}x{} to fit {m}", img.width, img.height);
+            let reason = if reason.is_empty() { note } else { format!("{reason}; {note}") };
+            let action = if action == Action::Converted { action } else { Action::Resized };
+            (resize_to_fit(&img, m)?, action, reason)
+        }
+        _ => (img, action, reason),
+    };
+    let mut out = Vec::with_capacity(img.pixels.len() / 8);
+    let mut enc = Encoder::new(&mut out, REENCODE_QUALITY);
+    enc.set_sampling_factor(SamplingFactor::R_4_2_0);
+    let w = u16::try_from(img.width).map_err(|_| format!("width {} too large to encode", img.width))?;
+    let h = u16::try_from(img.height).map_err(|_| format!("height {} too large to encode", img.height))?;
+    enc.encode(&img.pixels, w, h, ColorType::Rgb).map_err(|e| format!("re-encoding failed: {e}"))?;
+    Ok((out, img.width, img.height, action, Some(reason)))
+}
+
+/// Resizes so that the longer side is `max_side` (Lanczos3, aspect kept).
+fn resize_to_fit(img: &RgbImage, max_side: u32) -> Result<RgbImage, String> {
+    let long = img.width.max(img.height) as f64;
+    let scale = max_side as f64 / long;
+    let nw = ((img.width as f64 * scale).round() as u32).max(1);
+    let nh = ((img.height as f64 * scale).round() as u32).max(1);
+    let src = Image::from_vec_u8(img.width as u32, img.height as u32, img.pixels.clone(), PixelType::U8x3)
+        .map_err(|e| format!("resize: {e}"))?;
+    let mut dst = Image::new(nw, nh, PixelType::U8x3);
+    Resizer::new()
+        .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3)))
+        .map_err(|e| format!("resize: {e}"))?;
+    Ok(RgbImage { width: nw as usize, height: nh as usize, pixels: dst.into_vec() })
+}
+
+/// Applies an EXIF orientation (1..=8) so the result is upright.
+pub fn orient(img: RgbImage, orientation: u8) -> RgbImage {
+    if !(2..=8).contains(&orientation) {
+        return img;
+    }
+    let (w, h) = (img.width, img.height);
+    let swap = orientation >= 5;
+    let (ow, oh) = if swap { (h, w) } else { (w, h) };
+    let mut out = vec![0u8; w * h * 3];
+    for oy in 0..oh {
+        for ox in 0..ow {
+            // Source coordinates for output pixel (ox, oy).
+            let (sx, sy) = match orientation {
+                2 => (w - 1 - ox, oy),
+                3 => (w - 1 - ox, h - 1 - oy),
+                4 => (ox, h - 1 - oy),
+                5 => (oy, ox),
+                6 => (oy, h - 1 - ox),
+                7 => (w - 1 - oy, h - 1 - ox),
+                _ => (w - 1 - oy, ox), // 8
+            };
+            let s = (sy * w + sx) * 3;
+            let d = (oy * ow + ox) * 3;
+            out[d..d + 3].copy_from_slice(&img.pixels[s..s + 3]);
+        }
+    }
+    RgbImage { width: ow, height: oh, pixels: out }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn img(w: usize, h: usize) -> RgbImage {
+        // pixel value encodes its position: (x, y, 0)
+        let pixels = (0..h).flat_map(|y| (0..w).flat_map(move |x| [x as u8, y as u8, 0])).collect();
+        RgbImage { width: w, height: h, pixels }
+    }
+    fn at(i: &RgbImage, x: usize, y: usize) -> (u8, u8) {
+        let p = (y * i.width + x) * 3;
+        (i.pixels[p], i.pixels[p + 1])
+    }
+
+    #[test]
+    fn orientation_6_rotates_clockwise() {
+        // Orientation 6: the stored image must be rotated 90° clockwise to display upright.
+        // Then the stored bottom-left pixel (0, h-1) lands at the displayed top-left.
+        let i = img(3, 2);
+        let o = orient(i, 6);
+        assert_eq!((o.width, o.height), (2, 3));
+        assert_eq!(at(&o, 0, 0), (0, 1));
+        assert_eq!(at(&o, 1, 0), (0, 0));
+        assert_eq!(at(&o, 0, 2), (2, 1));
+    }
+
+    #[test]
+    fn orientations_3_and_8() {
+        let o = orient(img(3, 2), 3);
+        assert_eq!(at(&o, 0, 0), (2, 1));
+        // 8: rotate 90° counter-clockwise: stored top-right (w-1, 0) goes to displayed top-left.
+        let o = orient(img(3, 2), 8);
+        assert_eq!((o.width, o.height), (2, 3));
+        assert_eq!(at(&o, 0, 0), (2, 0));
+        assert_eq!(at(&o, 1, 2), (0, 1));
+    }
+
+    #[test]
+    fn resize_keeps_aspect() {
+        let r = resize_to_fit(&img(200, 100), 50).unwrap();
+        assert_eq!((r.width, r.height), (50, 25));
+        assert_eq!(r.pixels.len(), 50 * 25 * 3);
+    }
+
+    #[test]
+    fn eoi_detection() {
+        assert!(has_eoi_near_end(&[0xFF, 0xD8, 1, 2, 0xFF, 0xD9]));
+        assert!(has_eoi_near_end(&[0xFF, 0xD8, 1, 2, 0xFF, 0xD9, 0, 0]));
+        assert!(!has_eoi_near_end(&[0xFF, 0xD8, 1, 2, 3]));
+    }
+}

@@ -1,0 +1,47 @@
+//! `make-fixtures`: writes the built-in ImageNet-like sample set (see `cae_tools::fixtures`).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cae_tools::fixtures::{FixtureSpec, generate};
+use clap::Parser;
+
+/// Write a deterministic ImageNet-style folder `OUT/train/<wnid>/<wnid>_<n>.JPEG` of photo-like
+/// images plus the odd files real ImageNet has (grayscale, CMYK, progressive, PNG named .JPEG,
+/// truncated, empty, non-image, EXIF-rotated, restart markers).
+#[derive(Parser, Debug)]
+#[command(name = "make-fixtures", version)]
+struct Args {
+    /// Output folder (train/ and fixtures.tsv are written inside).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of classes.
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// Ordinary images per class.
+    #[arg(long, default_value_t = 40)]
+    per_class: usize,
+    /// Seed for every random choice.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Leave out the odd files.
+    #[arg(long)]
+    no_odd: bool,
+    /// Largest image side.
+    #[arg(long, default_value_t = 2000)]
+    max_side: u32,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let spec = FixtureSpec {
+        classes: args.classes,
+        per_class: args.per_class,
+        seed: args.seed,
+        odd_files: !args.no_odd,
+        max_side: args.max_side,
+    };
+    let fx = generate(&args.out, &spec).with_context(|| format!("generating fixtures in {}", args.out.display()))?;
+    println!("wrote {} files under {}", fx.files.len(), fx.train_dir.display());
+    Ok(())
+}
