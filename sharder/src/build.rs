@@ -47,6 +47,9 @@ pub const PLAN_FILE: &str = ".sharder-plan";
 /// Environment variable for crash tests: abort (like `kill -9`) in the middle of the shard after
 /// this many shards were completed by this process.
 pub const CRASH_ENV: &str = "CAE_SHARDER_CRASH_AFTER_SHARDS";
+/// Environment variable for kill tests: like [`CRASH_ENV`] but the process stops (sleeps) in the
+/// middle of the shard, printing `sharder: paused` to stderr, so a test can `kill -9` it there.
+pub const HANG_ENV: &str = "CAE_SHARDER_HANG_AFTER_SHARDS";
 
 /// Everything `sharder build` needs.
 #[derive(Debug, Clone)]
@@ -168,6 +171,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
         pending_rejected: Vec::new(),
         pending_converted: 0,
         crash_after: std::env::var(CRASH_ENV).ok().and_then(|v| v.parse().ok()),
+        hang_after: std::env::var(HANG_ENV).ok().and_then(|v| v.parse().ok()),
         completed_here: 0,
     };
 
@@ -478,6 +482,7 @@ struct OrderedWriter<'a> {
     pending_rejected: Vec<(String, String)>,
     pending_converted: u64,
     crash_after: Option<u64>,
+    hang_after: Option<u64>,
     completed_here: u64,
 }
 
@@ -528,6 +533,12 @@ impl OrderedWriter<'_> {
             // Crash test: die in the middle of a shard, as kill -9 would.
             tracing::error!("{CRASH_ENV} reached: aborting");
             std::process::abort();
+        }
+        if self.hang_after.is_some_and(|n| self.completed_here >= n) {
+            eprintln!("sharder: paused");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
         }
         Ok(())
     }

@@ -277,7 +277,8 @@ fn photo_like(rng: &mut ChaCha8Rng, class: usize, w: u32, h: u32) -> Vec<u8> {
     let phase_y: f32 = rng.random_range(0.0..std::f32::consts::TAU);
     let tilt = (class % 3) as f32 * 0.5;
     let col: Vec<f32> = (0..w).map(|x| (x as f32 / w as f32 * freq * std::f32::consts::TAU + phase_x).sin()).collect();
-    let row: Vec<f32> = (0..h).map(|y| (y as f32 / h as f32 * freq * std::f32::consts::TAU * tilt + phase_y).sin()).collect();
+    let row: Vec<f32> =
+        (0..h).map(|y| (y as f32 / h as f32 * freq * std::f32::consts::TAU * tilt + phase_y).sin()).collect();
     // A few soft blobs, separable Gaussians.
     let blobs: Vec<(Vec<f32>, Vec<f32>, f32)> = (0..3)
         .map(|_| {
