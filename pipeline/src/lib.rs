@@ -6,6 +6,8 @@
 //! - [`wds`]: the shard format (shared with the sharder).
 //! - [`decode`]: JPEG probing and decoding (zune-jpeg).
 
+pub mod augment;
 pub mod decode;
 pub mod manifest;
+pub mod mask;
 pub mod wds;

@@ -1,0 +1,274 @@
+//! The CAE two-view augmentation, spec §1 steps 2-3: horizontal flip (p = 0.5) of the whole
+//! image, ONE RandomResizedCrop box shared by both views, view 1 resized to 224x224 bicubic
+//! (Pillow's a = -0.5 kernel = Catmull-Rom, antialiased when downscaling), view 2 to 112x112
+//! Lanczos3.
+//!
+//! The flip is never applied to the full image: a box drawn on the flipped image is the mirrored
+//! box on the original (`left' = W - left - w`), and resampling with symmetric kernels commutes
+//! with mirroring, so we resize the mirrored box of the original and mirror the small output.
+//! Only the crop region is resampled (a cropped view of the decoded image, no copy).
+
+use fast_image_resize::images::{CroppedImage, Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use rand::{Rng, RngExt};
+use serde::{Deserialize, Serialize};
+
+use crate::decode::RgbImage;
+use crate::mask::{py_round, uniform};
+
+/// Augmentation parameters (spec §1; sizes and ranges are config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentConfig {
+    /// Side of view 1 (the encoder's input).
+    pub view_size: usize,
+    /// Side of view 2 (the tokenizer's input).
+    pub token_size: usize,
+    /// RandomResizedCrop area fraction range.
+    pub scale: (f64, f64),
+    /// RandomResizedCrop aspect (w/h) range.
+    pub ratio: (f64, f64),
+    /// Probability of a horizontal flip.
+    pub flip_prob: f64,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        Self { view_size: 224, token_size: 112, scale: (0.08, 1.0), ratio: (3.0 / 4.0, 4.0 / 3.0), flip_prob: 0.5 }
+    }
+}
+
+/// A crop box in pixel coordinates of the image it was drawn on: `top`, `left`, `height`, `width`
+/// (torchvision's i, j, h, w).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CropBox {
+    pub top: usize,
+    pub left: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// RandomResizedCrop's box, spec §1 step 3 (torchvision/BEiT `get_params`): 10 attempts, then
+/// the centre fallback. Python rounding (half to even) as in the reference.
+pub fn crop_box(width: usize, height: usize, cfg: &AugmentConfig, rng: &mut impl Rng) -> CropBox {
+    let (w_img, h_img) = (width as f64, height as f64);
+    let area = w_img * h_img;
+    let (log_lo, log_hi) = (cfg.ratio.0.ln(), cfg.ratio.1.ln());
+    for _ in 0..10 {
+        let target = area * uniform(rng, cfg.scale.0, cfg.scale.1);
+        let ar = uniform(rng, log_lo, log_hi).exp();
+        let w = py_round((target * ar).sqrt());
+        let h = py_round((target / ar).sqrt());
+        if 0 < w && w as usize <= width && 0 < h && h as usize <= height {
+            let (w, h) = (w as usize, h as usize);
+            let top = rng.random_range(0..=height - h);
+            let left = rng.random_range(0..=width - w);
+            return CropBox { top, left, height: h, width: w };
+        }
+    }
+    fallback_box(width, height, cfg)
+}
+
+/// The centre crop used after 10 failed attempts.
+pub fn fallback_box(width: usize, height: usize, cfg: &AugmentConfig) -> CropBox {
+    let in_ratio = width as f64 / height as f64;
+    let (w, h) = if in_ratio < cfg.ratio.0 {
+        (width, (py_round(width as f64 / cfg.ratio.0) as usize).clamp(1, height))
+    } else if in_ratio > cfg.ratio.1 {
+        ((py_round(height as f64 * cfg.ratio.1) as usize).clamp(1, width), height)
+    } else {
+        (width, height)
+    };
+    CropBox { top: (height - h) / 2, left: (width - w) / 2, height: h, width: w }
+}
+
+/// The random choices for one sample, drawn in this order: flip, box.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TwoViewParams {
+    pub flip: bool,
+    /// Box on the (possibly flipped) image, as the reference draws it.
+    pub crop: CropBox,
+}
+
+impl TwoViewParams {
+    pub fn draw(width: usize, height: usize, cfg: &AugmentConfig, rng: &mut impl Rng) -> Self {
+        let flip = rng.random::<f64>() < cfg.flip_prob;
+        let crop = crop_box(width, height, cfg, rng);
+        Self { flip, crop }
+    }
+
+    /// The same region on the unflipped original.
+    pub fn source_box(&self, width: usize) -> CropBox {
+        let mut b = self.crop;
+        if self.flip {
+            b.left = width - b.left - b.width;
+        }
+        b
+    }
+}
+
+/// Per-worker resampling state: the resizer and destination images are reused for every sample.
+pub struct TwoViewResizer {
+    resizer: Resizer,
+    view: Image<'static>,
+    token: Image<'static>,
+    cfg: AugmentConfig,
+}
+
+impl TwoViewResizer {
+    pub fn new(cfg: &AugmentConfig) -> Self {
+        let v = cfg.view_size as u32;
+        let t = cfg.token_size as u32;
+        Self {
+            resizer: Resizer::new(),
+            view: Image::new(v, v, PixelType::U8x3),
+            token: Image::new(t, t, PixelType::U8x3),
+            cfg: cfg.clone(),
+        }
+    }
+
+    /// Resizes the crop region of `img` into both views and writes them planar (CHW, u8) into
+    /// `view_out` (3·S·S) and `token_out` (3·T·T), mirrored when `p.flip`.
+    pub fn apply(
+        &mut self,
+        img: &RgbImage,
+        p: &TwoViewParams,
+        view_out: &mut [u8],
+        token_out: &mut [u8],
+    ) -> Result<(), String> {
+        let b = p.source_box(img.width);
+        let src = ImageRef::new(img.width as u32, img.height as u32, &img.pixels, PixelType::U8x3)
+            .map_err(|e| format!("source image: {e}"))?;
+        // A cropped view (no copy) whose edges are the crop's edges: the kernels clamp there, as
+        // torchvision's crop-then-resize does, instead of reading pixels outside the box.
+        let region = CroppedImage::new(&src, b.left as u32, b.top as u32, b.width as u32, b.height as u32)
+            .map_err(|e| format!("crop box {b:?}: {e}"))?;
+        let alg = |f| ResizeOptions::new().resize_alg(ResizeAlg::Convolution(f));
+        self.resizer
+            .resize(&region, &mut self.view, &alg(FilterType::CatmullRom))
+            .map_err(|e| format!("resize: {e}"))?;
+        self.resizer
+            .resize(&region, &mut self.token, &alg(FilterType::Lanczos3))
+            .map_err(|e| format!("resize: {e}"))?;
+        hwc_to_chw(self.view.buffer(), self.cfg.view_size, p.flip, view_out);
+        hwc_to_chw(self.token.buffer(), self.cfg.token_size, p.flip, token_out);
+        Ok(())
+    }
+}
+
+/// Interleaved RGB (S·S·3) -> planar (3·S·S), optionally mirrored left-right.
+pub fn hwc_to_chw(src: &[u8], side: usize, flip: bool, dst: &mut [u8]) {
+    let plane = side * side;
+    let (r, rest) = dst[..3 * plane].split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for y in 0..side {
+        let row = &src[y * side * 3..(y + 1) * side * 3];
+        let o = y * side;
+        if flip {
+            for (x, px) in row.chunks_exact(3).enumerate() {
+                let d = o + side - 1 - x;
+                r[d] = px[0];
+                g[d] = px[1];
+                b[d] = px[2];
+            }
+        } else {
+            for (x, px) in row.chunks_exact(3).enumerate() {
+                r[o + x] = px[0];
+                g[o + x] = px[1];
+                b[o + x] = px[2];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn boxes_stay_in_bounds_and_respect_scale_and_ratio() {
+        let cfg = AugmentConfig::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        for &(w, h) in &[(500, 375), (375, 500), (100, 80), (2000, 1500), (16, 16), (1000, 50)] {
+            for _ in 0..500 {
+                let b = crop_box(w, h, &cfg, &mut rng);
+                assert!(b.width >= 1 && b.height >= 1);
+                assert!(b.left + b.width <= w && b.top + b.height <= h, "{b:?} in {w}x{h}");
+                let frac = (b.width * b.height) as f64 / (w * h) as f64;
+                assert!(frac <= 1.0 + 1e-9);
+            }
+        }
+        // On a normal image the attempts succeed: area fraction within the scale range (up to
+        // rounding) and aspect within the ratio range (up to rounding).
+        for _ in 0..500 {
+            let b = crop_box(500, 375, &cfg, &mut rng);
+            let frac = (b.width * b.height) as f64 / (500.0 * 375.0);
+            if b != fallback_box(500, 375, &cfg) {
+                assert!(frac > 0.07, "{b:?}");
+                let ar = b.width as f64 / b.height as f64;
+                assert!(ar > 0.7 && ar < 1.4, "{b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn fallback_is_the_reference_centre_crop() {
+        let cfg = AugmentConfig::default();
+        // very wide image: r = 20 > 4/3 -> h = H, w = round(H * 4/3)
+        assert_eq!(fallback_box(1000, 50, &cfg), CropBox { top: 0, left: (1000 - 67) / 2, height: 50, width: 67 });
+        // very tall: r < 3/4 -> w = W, h = round(W / (3/4))
+        assert_eq!(fallback_box(30, 900, &cfg), CropBox { top: (900 - 40) / 2, left: 0, height: 40, width: 30 });
+        // in range: whole image
+        assert_eq!(fallback_box(400, 300, &cfg), CropBox { top: 0, left: 0, height: 300, width: 400 });
+        // An image so wide that no attempt can fit: scale (0.9, 1) with ratio near 1 on 1000x50.
+        let strict = AugmentConfig { scale: (0.9, 1.0), ratio: (0.99, 1.01), ..Default::default() };
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        assert_eq!(crop_box(1000, 50, &strict, &mut rng), fallback_box(1000, 50, &strict));
+    }
+
+    #[test]
+    fn flip_mirrors_the_box_and_both_views_share_it() {
+        let p = TwoViewParams { flip: true, crop: CropBox { top: 5, left: 10, height: 50, width: 40 } };
+        assert_eq!(p.source_box(200).left, 200 - 10 - 40);
+        let q = TwoViewParams { flip: false, ..p };
+        assert_eq!(q.source_box(200), q.crop);
+    }
+
+    fn gradient(w: usize, h: usize) -> RgbImage {
+        let pixels =
+            (0..h).flat_map(|y| (0..w).flat_map(move |x| [(x * 255 / w) as u8, (y * 255 / h) as u8, 77])).collect();
+        RgbImage { width: w, height: h, pixels }
+    }
+
+    #[test]
+    fn views_come_from_the_same_region_and_flip_mirrors_them() {
+        let cfg = AugmentConfig { view_size: 32, token_size: 16, ..Default::default() };
+        let img = gradient(300, 200);
+        let mut rs = TwoViewResizer::new(&cfg);
+        let crop = CropBox { top: 20, left: 100, height: 100, width: 100 };
+        let (mut v, mut t) = (vec![0u8; 3 * 32 * 32], vec![0u8; 3 * 16 * 16]);
+        rs.apply(&img, &TwoViewParams { flip: false, crop }, &mut v, &mut t).unwrap();
+        // red channel = x position: both views span x in [100, 200) -> red in [85, 170)
+        let red_v = &v[..32 * 32];
+        let red_t = &t[..16 * 16];
+        for red in [red_v, red_t] {
+            assert!(red.iter().all(|&r| (80..=172).contains(&r)), "{:?}", &red[..8]);
+        }
+        // left-to-right increasing without flip
+        assert!(red_v[0] < red_v[31] && red_t[0] < red_t[15]);
+        // mean of the two views agrees (same region, different sizes)
+        let mean = |s: &[u8]| s.iter().map(|&x| x as f64).sum::<f64>() / s.len() as f64;
+        assert!((mean(red_v) - mean(red_t)).abs() < 2.0);
+        // flipped: the drawn box is on the mirrored image; its mirror on the original is
+        // left = 300 - 100 - 100 = 100 (same region here), and the output is mirrored.
+        let (mut vf, mut tf) = (vec![0u8; 3 * 32 * 32], vec![0u8; 3 * 16 * 16]);
+        rs.apply(&img, &TwoViewParams { flip: true, crop }, &mut vf, &mut tf).unwrap();
+        for y in 0..32 {
+            for x in 0..32 {
+                assert_eq!(vf[y * 32 + x], v[y * 32 + 31 - x]);
+            }
+        }
+    }
+}
