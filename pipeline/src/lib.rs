@@ -1,13 +1,27 @@
 //! `cae-pipeline`: streams WebDataset shards into CAE training batches.
 //!
-//! Data flows one way: shard bytes -> [`wds::ShardSample`] -> [`decode::RgbImage`] -> two views +
-//! mask -> batch. This crate knows nothing of burn.
+//! Data flows one way: shard bytes -> [`wds::ShardSample`] -> [`decode::RgbImage`] -> two views
+//! ([`augment`]) + mask ([`mask`]) -> [`batch::Batch`]. [`loader::Loader`] runs it on a fixed pool
+//! of threads with bounded memory and exact resume. This crate knows nothing of burn.
 //!
-//! - [`wds`]: the shard format (shared with the sharder).
+//! - [`wds`]: the shard format (shared with the sharder); [`manifest`]: `manifest.json`.
+//! - [`source`]: shard lists (paths, URLs, brace patterns, manifest directories); [`http`]: streaming
+//!   HTTP reads on tokio with retries.
 //! - [`decode`]: JPEG probing and decoding (zune-jpeg).
+//! - [`augment`]: flip + one RandomResizedCrop box -> 224 bicubic and 112 Lanczos views (spec §1).
+//! - [`mask`]: the block-wise mask generator (spec §1.1).
+//! - [`batch`]: the `Batch` contract and normalisation; [`loader`]: the threads; [`metrics`]: names.
 
 pub mod augment;
+pub mod batch;
 pub mod decode;
+pub mod http;
+pub mod loader;
 pub mod manifest;
 pub mod mask;
+pub mod metrics;
+pub mod source;
 pub mod wds;
+
+pub use batch::Batch;
+pub use loader::{Loader, LoaderConfig, LoaderError, LoaderState};

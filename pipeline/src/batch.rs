@@ -1,0 +1,174 @@
+//! The `Batch` handed to the trainer: plain Rust buffers, no burn types.
+//!
+//! # Contract
+//! - `views`: u8, `[B, 3, S, S]` planar RGB (S = 224), the encoder's view before normalisation.
+//! - `token_views`: u8, `[B, 3, T, T]` planar RGB (T = 112), the tokenizer's view.
+//! - `masked`: u32, `[B, num_masked]` patch indices (raster order, row * grid + col), each row
+//!   sorted ascending; `visible`: u32, `[B, num_patches - num_masked]`, sorted. Every row has the
+//!   same count (spec §1.1: the generator masks exactly `num_masked`).
+//! - `labels`: class index per sample; `keys`: sample keys.
+//!
+//! Normalisation is a documented step the trainer does on the device (spec §1 step 6):
+//! view 1: `(x / 255 - mean) / std` with the ImageNet mean/std ([`IMAGENET_MEAN`],
+//! [`IMAGENET_STD`]); view 2: DALL-E `map_pixels`: `0.8 * x / 255 + 0.1`. For CPU training,
+//! [`Batch::views_f32`] and [`Batch::token_views_f32`] do the same on the CPU.
+//!
+//! Image buffers come from a pool and go back to it when the batch is dropped.
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::loader::LoaderState;
+
+/// ImageNet mean (RGB, 0..1 scale).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet std (RGB, 0..1 scale).
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// DALL-E logit-Laplace epsilon: `map_pixels(x) = (1 - 2 eps) x + eps` (spec §1 step 6).
+pub const DALLE_EPS: f32 = 0.1;
+
+/// A batch of CAE samples (see the module docs for the layout).
+#[derive(Debug)]
+pub struct Batch {
+    pub batch_size: usize,
+    pub view_size: usize,
+    pub token_size: usize,
+    pub grid: usize,
+    pub num_masked: usize,
+    pub views: Vec<u8>,
+    pub token_views: Vec<u8>,
+    pub masked: Vec<u32>,
+    pub visible: Vec<u32>,
+    pub labels: Vec<i64>,
+    pub keys: Vec<String>,
+    /// Epoch this batch belongs to.
+    pub epoch: u64,
+    /// Index of this batch within its epoch.
+    pub index: u64,
+    /// Loader state that resumes right after this batch (save it with a checkpoint).
+    pub resume: LoaderState,
+    pub(crate) pool: Option<BufferPool>,
+}
+
+impl Batch {
+    pub fn num_patches(&self) -> usize {
+        self.grid * self.grid
+    }
+    pub fn num_visible(&self) -> usize {
+        self.num_patches() - self.num_masked
+    }
+
+    /// View 1 as f32 `[B, 3, S, S]`, normalised with the ImageNet mean/std.
+    pub fn views_f32(&self) -> Vec<f32> {
+        let plane = self.view_size * self.view_size;
+        let luts: Vec<[f32; 256]> =
+            (0..3).map(|c| std::array::from_fn(|v| (v as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c])).collect();
+        let mut out = Vec::with_capacity(self.views.len());
+        for (i, chunk) in self.views.chunks_exact(plane).enumerate() {
+            let lut = &luts[i % 3];
+            out.extend(chunk.iter().map(|&v| lut[v as usize]));
+        }
+        out
+    }
+
+    /// View 2 as f32 `[B, 3, T, T]` through DALL-E's `map_pixels` (range 0.1..0.9).
+    pub fn token_views_f32(&self) -> Vec<f32> {
+        let lut: [f32; 256] = std::array::from_fn(|v| (1.0 - 2.0 * DALLE_EPS) * (v as f32 / 255.0) + DALLE_EPS);
+        self.token_views.iter().map(|&v| lut[v as usize]).collect()
+    }
+
+    /// The mask as `[B, num_patches]` booleans (true = masked).
+    pub fn mask_bool(&self) -> Vec<bool> {
+        let n = self.num_patches();
+        let mut m = vec![false; self.batch_size * n];
+        for (b, row) in self.masked.chunks_exact(self.num_masked).enumerate() {
+            for &i in row {
+                m[b * n + i as usize] = true;
+            }
+        }
+        m
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.put(std::mem::take(&mut self.views), std::mem::take(&mut self.token_views));
+        }
+    }
+}
+
+/// Recycles batch image buffers (bounded: at most `capacity` pairs are kept).
+#[derive(Debug, Clone)]
+pub struct BufferPool {
+    tx: Sender<(Vec<u8>, Vec<u8>)>,
+    rx: Receiver<(Vec<u8>, Vec<u8>)>,
+}
+
+impl BufferPool {
+    pub fn new(capacity: usize) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+        Self { tx, rx }
+    }
+    /// A pair of buffers of the given sizes (reused when one is available).
+    pub fn get(&self, views: usize, tokens: usize) -> (Vec<u8>, Vec<u8>) {
+        let (mut v, mut t) = self.rx.try_recv().unwrap_or_default();
+        v.resize(views, 0);
+        t.resize(tokens, 0);
+        (v, t)
+    }
+    fn put(&self, v: Vec<u8>, t: Vec<u8>) {
+        let _ = self.tx.try_send((v, t)); // full: let it drop
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_batch() -> Batch {
+        Batch {
+            batch_size: 1,
+            view_size: 1,
+            token_size: 1,
+            grid: 2,
+            num_masked: 1,
+            views: vec![0, 128, 255],
+            token_views: vec![0, 255, 51],
+            masked: vec![2],
+            visible: vec![0, 1, 3],
+            labels: vec![7],
+            keys: vec!["k".into()],
+            epoch: 0,
+            index: 0,
+            resume: LoaderState::default(),
+            pool: None,
+        }
+    }
+
+    #[test]
+    fn normalisation_follows_the_spec_formulas() {
+        let b = tiny_batch();
+        let v = b.views_f32();
+        let expect = [(0.0 - 0.485) / 0.229, (128.0 / 255.0 - 0.456) / 0.224, (1.0 - 0.406) / 0.225];
+        for (got, want) in v.iter().zip(expect) {
+            assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        }
+        let t = b.token_views_f32();
+        assert!((t[0] - 0.1).abs() < 1e-7 && (t[1] - 0.9).abs() < 1e-7 && (t[2] - (0.8 * 0.2 + 0.1)).abs() < 1e-6);
+        assert_eq!(b.mask_bool(), vec![false, false, true, false]);
+    }
+
+    #[test]
+    fn pool_recycles_buffers() {
+        let pool = BufferPool::new(2);
+        let mut b = tiny_batch();
+        let (v, t) = pool.get(3, 3);
+        let ptr = v.as_ptr();
+        b.views = v;
+        b.token_views = t;
+        b.pool = Some(pool.clone());
+        drop(b);
+        let (v2, _) = pool.get(3, 3);
+        assert_eq!(v2.as_ptr(), ptr, "the dropped batch's buffer is reused");
+    }
+}
