@@ -1,0 +1,382 @@
+//! End-to-end tests of the loader: generated images -> sharder -> pipeline batches.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use cae_pipeline::source::{self, ShardSpec};
+use cae_pipeline::wds::ShardWriter;
+use cae_pipeline::{Batch, Loader, LoaderConfig, LoaderError, LoaderState};
+use cae_sharder::{BuildOptions, build};
+use cae_tools::fixtures::{FixtureSpec, generate};
+
+/// Shards of a small generated set (~46 samples in 6 shards of <= 8).
+fn shards(dir: &Path) -> PathBuf {
+    let fx =
+        generate(&dir.join("in"), &FixtureSpec { classes: 4, per_class: 10, seed: 11, odd_files: true, max_side: 320 })
+            .expect("fixtures");
+    let out = dir.join("shards");
+    let mut o = BuildOptions::new(&fx.train_dir, &out);
+    o.shard_max_samples = 8;
+    build(&o).expect("build");
+    out
+}
+
+fn cfg(workers: usize) -> LoaderConfig {
+    LoaderConfig { batch_size: 4, workers, prefetch: 2, shuffle_buffer: 16, seed: 5, ..LoaderConfig::default() }
+}
+
+/// What identifies a batch's content.
+#[derive(Debug, PartialEq, Eq, Clone)]
+struct Fingerprint {
+    keys: Vec<String>,
+    labels: Vec<i64>,
+    masked: Vec<u32>,
+    visible: Vec<u32>,
+    views: u64,
+    tokens: u64,
+    epoch: u64,
+    index: u64,
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+fn fingerprint(b: &Batch) -> Fingerprint {
+    Fingerprint {
+        keys: b.keys.clone(),
+        labels: b.labels.clone(),
+        masked: b.masked.clone(),
+        visible: b.visible.clone(),
+        views: fnv(&b.views),
+        tokens: fnv(&b.token_views),
+        epoch: b.epoch,
+        index: b.index,
+    }
+}
+
+fn run_all(cfg: LoaderConfig, shards: Vec<ShardSpec>, start: LoaderState) -> Vec<(Fingerprint, LoaderState)> {
+    let loader = Loader::new(cfg, shards, start).expect("loader");
+    let mut out = Vec::new();
+    while let Some(b) = loader.next_blocking() {
+        let b = b.expect("batch");
+        out.push((fingerprint(&b), b.resume));
+    }
+    out
+}
+
+#[test]
+fn same_seed_gives_identical_batches_with_1_and_2_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shards(tmp.path());
+    let specs = source::expand(dir.to_str().unwrap()).unwrap();
+    let total: u64 = specs.iter().map(|s| s.samples.unwrap()).sum();
+    let c = |w| LoaderConfig { epochs: Some(2), ..cfg(w) };
+    let one = run_all(c(1), specs.clone(), LoaderState::default());
+    let two = run_all(c(2), specs.clone(), LoaderState::default());
+    assert_eq!(one.len() as u64, 2 * (total / 4), "two epochs of floor(total / batch) batches");
+    assert_eq!(one, two, "worker count must not change the batches");
+    // Batch contract: masks have exactly 75 sorted indices and 121 visible, disjoint.
+    for (f, _) in &one {
+        for (m, v) in f.masked.chunks(75).zip(f.visible.chunks(121)) {
+            assert!(m.windows(2).all(|w| w[0] < w[1]) && v.windows(2).all(|w| w[0] < w[1]));
+            let all: HashSet<u32> = m.iter().chain(v).copied().collect();
+            assert_eq!(all.len(), 196);
+        }
+    }
+    // The second epoch is reshuffled, and a different seed gives different batches.
+    let e0: Vec<&String> = one.iter().filter(|(f, _)| f.epoch == 0).flat_map(|(f, _)| &f.keys).collect();
+    let e1: Vec<&String> = one.iter().filter(|(f, _)| f.epoch == 1).flat_map(|(f, _)| &f.keys).collect();
+    assert_ne!(e0, e1);
+    let other = run_all(LoaderConfig { seed: 6, ..c(2) }, specs, LoaderState::default());
+    assert_ne!(one[0].0, other[0].0);
+}
+
+#[test]
+fn resume_yields_exactly_the_batches_that_would_have_come_next() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shards(tmp.path());
+    let specs = source::expand(dir.to_str().unwrap()).unwrap();
+    let c = LoaderConfig { epochs: Some(2), ..cfg(2) };
+    let full = run_all(c.clone(), specs.clone(), LoaderState::default());
+    let per_epoch = full.iter().filter(|(f, _)| f.epoch == 0).count();
+    // mid-epoch, the last batch of an epoch (resume state points at the next epoch), mid-epoch 2
+    for k in [2, per_epoch - 1, per_epoch + 3] {
+        let state = full[k].1;
+        let resumed = run_all(c.clone(), specs.clone(), state);
+        let expect: Vec<Fingerprint> = full[k + 1..].iter().map(|(f, _)| f.clone()).collect();
+        let got: Vec<Fingerprint> = resumed.into_iter().map(|(f, _)| f).collect();
+        assert_eq!(got, expect, "resume after batch {k} (state {state:?})");
+    }
+    // The state is serialisable (it goes into checkpoints).
+    let json = serde_json::to_string(&full[3].1).unwrap();
+    assert_eq!(serde_json::from_str::<LoaderState>(&json).unwrap(), full[3].1);
+}
+
+#[test]
+fn every_rank_yields_the_same_number_of_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shards(tmp.path());
+    let specs = source::expand(dir.to_str().unwrap()).unwrap();
+    let total: u64 = specs.iter().map(|s| s.samples.unwrap()).sum();
+    for world in [2usize, 3] {
+        let mut counts = Vec::new();
+        let mut keys: Vec<HashSet<String>> = Vec::new();
+        for rank in 0..world {
+            let c = LoaderConfig { rank, world_size: world, epochs: Some(1), ..cfg(1) };
+            let batches = run_all(c, specs.clone(), LoaderState::default());
+            counts.push(batches.len() as u64);
+            keys.push(batches.iter().flat_map(|(f, _)| f.keys.clone()).collect());
+        }
+        let expect = total / (world as u64 * 4);
+        assert!(counts.iter().all(|&c| c == expect), "world {world}: {counts:?}, expected {expect} each");
+        // ranks read different shards
+        assert!(keys[0].is_disjoint(&keys[1]), "ranks 0 and 1 share samples");
+    }
+}
+
+/// A tiny HTTP/1.1 file server on 127.0.0.1 with Range support and injectable faults.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Send this many body bytes of the first response, then drop the connection.
+    CutOnce(usize),
+    /// Always answer 503.
+    Dead,
+}
+
+struct Server {
+    addr: SocketAddr,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+fn serve(dir: PathBuf, faults: HashMap<String, Fault>) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let faults = Arc::new(Mutex::new(faults));
+    let log = requests.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (dir, faults, log) = (dir.clone(), faults.clone(), log.clone());
+            std::thread::spawn(move || handle(stream, &dir, &faults, &log));
+        }
+    });
+    Server { addr, requests }
+}
+
+fn handle(mut s: TcpStream, dir: &Path, faults: &Mutex<HashMap<String, Fault>>, log: &Mutex<Vec<String>>) {
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut first = String::new();
+    if reader.read_line(&mut first).is_err() {
+        return;
+    }
+    let mut range_start = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+            range_start = v.trim().trim_end_matches('-').parse().unwrap_or(0);
+        }
+    }
+    let name = first.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
+    log.lock().unwrap().push(format!("{name} from {range_start}"));
+    let fault = faults.lock().unwrap().get(&name).copied();
+    if let Some(Fault::Dead) = fault {
+        let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return;
+    }
+    let Ok(data) = std::fs::read(dir.join(&name)) else {
+        let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return;
+    };
+    let body = &data[range_start.min(data.len())..];
+    let head = if range_start > 0 {
+        format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {}-{}/{}\r\nConnection: close\r\n\r\n",
+            body.len(),
+            range_start,
+            data.len() - 1,
+            data.len()
+        )
+    } else {
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+    };
+    let _ = s.write_all(head.as_bytes());
+    if let Some(Fault::CutOnce(n)) = fault {
+        faults.lock().unwrap().remove(&name); // only the first response dies
+        let _ = s.write_all(&body[..n.min(body.len())]);
+        let _ = s.flush();
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        return;
+    }
+    let _ = s.write_all(body);
+}
+
+fn shard_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str().map(String::from))
+        .filter(|n| n.ends_with(".tar"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn http_source_survives_a_server_dying_mid_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shards(tmp.path());
+    let names = shard_names(&dir);
+    let last = names.len() - 1;
+    // Every shard's first response dies part way through.
+    let faults = names.iter().map(|n| (n.clone(), Fault::CutOnce(3000))).collect();
+    let server = serve(dir.clone(), faults);
+    let pattern = format!("train-{{000000..{last:06}}}.tar");
+    let remote = source::expand(&format!("http://{}/{pattern}", server.addr)).unwrap();
+    let local = source::expand(dir.join(&pattern).to_str().unwrap()).unwrap();
+    assert!(remote.iter().all(|s| s.is_http() && s.samples.is_none()));
+    let c = LoaderConfig { epochs: Some(1), ..cfg(2) };
+    let over_http = run_all(c.clone(), remote, LoaderState::default());
+    let from_disk = run_all(c, local, LoaderState::default());
+    assert!(!from_disk.is_empty());
+    assert_eq!(over_http, from_disk, "HTTP with retries must give the same batches as local files");
+    let log = server.requests.lock().unwrap().clone();
+    assert!(log.iter().any(|r| r.ends_with("from 3000")), "retries continue from the byte reached: {log:?}");
+}
+
+#[test]
+fn a_dead_http_shard_is_skipped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shards(tmp.path());
+    let names = shard_names(&dir);
+    let faults = HashMap::from([(names[1].clone(), Fault::Dead)]);
+    let server = serve(dir.clone(), faults);
+    let pattern = format!("http://{}/train-{{000000..{:06}}}.tar", server.addr, names.len() - 1);
+    let mut c = LoaderConfig { epochs: Some(1), ..cfg(1) };
+    c.http.retries = 2;
+    c.http.backoff_ms = 10;
+    let loader = Loader::new(c, source::expand(&pattern).unwrap(), LoaderState::default()).unwrap();
+    let mut keys = Vec::new();
+    while let Some(b) = loader.next_blocking() {
+        keys.extend(b.unwrap().keys.clone());
+    }
+    assert!(!keys.is_empty(), "the other shards still deliver");
+    assert_eq!(loader.stats().shards_failed.load(Ordering::Relaxed), 1);
+    let dead_reqs = server.requests.lock().unwrap().iter().filter(|r| r.starts_with(&names[1])).count();
+    assert_eq!(dead_reqs, 3, "one try plus two retries");
+}
+
+#[test]
+fn corrupt_shard_bytes_never_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shards(tmp.path());
+    let names = shard_names(&dir);
+    let good = std::fs::read(dir.join(&names[0])).unwrap();
+    let bad_dir = tmp.path().join("bad");
+    std::fs::create_dir_all(&bad_dir).unwrap();
+    let mut state = 0x9E37_79B9u64;
+    let mut rnd = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for v in 0..12 {
+        let mut bytes = good.clone();
+        match v % 3 {
+            0 => {
+                for _ in 0..20 {
+                    let i = (rnd() as usize) % bytes.len();
+                    bytes[i] = rnd() as u8;
+                }
+            }
+            1 => bytes.truncate((rnd() as usize) % bytes.len()),
+            _ => {
+                let i = (rnd() as usize) % bytes.len();
+                let n = (rnd() as usize % 4096).min(bytes.len() - i);
+                bytes[i..i + n].fill(0xFF);
+            }
+        }
+        std::fs::write(bad_dir.join(format!("bad-{v:02}.tar")), bytes).unwrap();
+    }
+    let pattern = bad_dir.join("bad-{00..11}.tar");
+    let c = LoaderConfig { epochs: Some(1), max_bad_fraction: 1.0, batch_size: 2, ..cfg(2) };
+    let loader = Loader::new(c, source::expand(pattern.to_str().unwrap()).unwrap(), LoaderState::default()).unwrap();
+    let mut batches = 0;
+    while let Some(b) = loader.next_blocking() {
+        if b.is_ok() {
+            batches += 1;
+        }
+    }
+    let s = loader.stats();
+    let problems = s.bad_samples.load(Ordering::Relaxed) + s.shards_failed.load(Ordering::Relaxed);
+    assert!(problems > 0, "corruption must be counted");
+    assert!(batches > 0, "the intact parts still deliver");
+}
+
+#[test]
+fn bad_samples_are_skipped_and_too_many_is_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shards(tmp.path());
+    // One real JPEG from the shards, reused.
+    let jpg = {
+        let f = std::fs::File::open(dir.join("train-000000.tar")).unwrap();
+        let s = cae_pipeline::wds::SampleReader::new(f).next().unwrap().unwrap();
+        s.get("jpg").unwrap().to_vec()
+    };
+    let write = |path: &Path, n: usize, bad_every: usize| {
+        let mut w = ShardWriter::create(path).unwrap();
+        for i in 0..n {
+            let key = format!("s{i:04}");
+            if i % bad_every == 0 {
+                w.write_sample(&key, &[("jpg", b"\xFF\xD8\xFFnot really a jpeg"), ("cls", b"0")]).unwrap();
+            } else if i % bad_every == 1 {
+                w.write_sample(&key, &[("jpg", &jpg)]).unwrap(); // no class
+            } else {
+                w.write_sample(&key, &[("jpg", &jpg), ("cls", b"1")]).unwrap();
+            }
+        }
+        w.finish().unwrap();
+    };
+    let some_bad = tmp.path().join("some-bad.tar");
+    write(&some_bad, 40, 10); // 8 bad of 40
+    let c = LoaderConfig { epochs: Some(1), max_bad_fraction: 0.5, batch_size: 4, ..cfg(2) };
+    let batches = run_all(c, source::expand(some_bad.to_str().unwrap()).unwrap(), LoaderState::default());
+    let keys: Vec<String> = batches.iter().flat_map(|(f, _)| f.keys.clone()).collect();
+    assert_eq!(keys.len(), 32, "the 32 good samples arrive");
+    assert!(keys.iter().all(|k| {
+        let i: usize = k[1..].parse().unwrap();
+        i % 10 > 1
+    }));
+
+    let mostly_bad = tmp.path().join("mostly-bad.tar");
+    write(&mostly_bad, 300, 2); // every sample bad
+    let c = LoaderConfig { epochs: Some(1), max_bad_fraction: 0.1, batch_size: 4, ..cfg(2) };
+    let loader = Loader::new(c, source::expand(mostly_bad.to_str().unwrap()).unwrap(), LoaderState::default()).unwrap();
+    let mut fatal = None;
+    while let Some(b) = loader.next_blocking() {
+        if let Err(e) = b {
+            fatal = Some(e);
+        }
+    }
+    assert!(matches!(fatal, Some(LoaderError::TooManyBad { .. })), "{fatal:?}");
+}
+
+#[test]
+fn bad_configs_fail_at_start() {
+    let spec = vec![ShardSpec { url: "x.tar".into(), samples: None }];
+    let err = |c: LoaderConfig| Loader::new(c, spec.clone(), LoaderState::default()).err().map(|e| e.to_string());
+    assert!(err(LoaderConfig { world_size: 2, rank: 0, ..cfg(1) }).is_some_and(|e| e.contains("shards")));
+    assert!(err(LoaderConfig { batch_size: 0, ..cfg(1) }).is_some());
+    let mut micro_bad = cfg(1);
+    micro_bad.mask.grid = 4;
+    micro_bad.mask.num_masked = 6;
+    micro_bad.augment.view_size = 64;
+    assert!(err(micro_bad).is_some_and(|e| e.contains("min_num_patches")));
+}
