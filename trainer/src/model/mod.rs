@@ -23,3 +23,6 @@ pub use dalle::{DalleConfig, DalleEncoder, map_pixels};
 pub use decoder::Decoder;
 pub use encoder::Encoder;
 pub use regressor::Regressor;
+
+#[cfg(test)]
+mod tests;
