@@ -257,6 +257,9 @@ pub fn mask_to_indices(
     Ok((visible, masked))
 }
 
+/// Sorted `(visible [b, n_vis], masked [b, n_mask])` patch indices on the device.
+pub type MaskIndices<B> = (Tensor<B, 2, Int>, Tensor<B, 2, Int>);
+
 /// [`mask_to_indices`] straight to device tensors `(visible [b, n_vis], masked [b, n_mask])`.
 pub fn mask_index_tensors<B: Backend>(
     mask: &[bool],
@@ -264,7 +267,7 @@ pub fn mask_index_tensors<B: Backend>(
     num_patches: usize,
     num_mask: usize,
     device: &B::Device,
-) -> Result<(Tensor<B, 2, Int>, Tensor<B, 2, Int>), CaeError> {
+) -> Result<MaskIndices<B>, CaeError> {
     let (vis, msk) = mask_to_indices(mask, batch, num_patches, num_mask)?;
     let n_vis = num_patches - num_mask;
     Ok((

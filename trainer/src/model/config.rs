@@ -141,13 +141,13 @@ impl CaeConfig {
     /// Checks the invariants the model relies on; call once at start-up.
     pub fn validate(&self) -> Result<(), CaeError> {
         let fail = |m: String| Err(CaeError::Config(m));
-        if self.patch_size == 0 || self.img_size == 0 || self.img_size % self.patch_size != 0 {
+        if self.patch_size == 0 || self.img_size == 0 || !self.img_size.is_multiple_of(self.patch_size) {
             return fail(format!("img_size {} not a multiple of patch_size {}", self.img_size, self.patch_size));
         }
-        if self.embed_dim == 0 || self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
+        if self.embed_dim == 0 || self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
             return fail(format!("embed_dim {} not divisible by num_heads {}", self.embed_dim, self.num_heads));
         }
-        if self.embed_dim % 4 != 0 {
+        if !self.embed_dim.is_multiple_of(4) {
             return fail(format!("embed_dim {} must be a multiple of 4 (2-D sin-cos, spec §2.1)", self.embed_dim));
         }
         if self.mlp_dim == 0 || self.depth == 0 || self.regressor_depth == 0 || self.decoder_depth == 0 {
@@ -159,7 +159,7 @@ impl CaeConfig {
         if !(0.0..1.0).contains(&self.drop_path) {
             return fail(format!("drop_path {} must be in [0, 1)", self.drop_path));
         }
-        if !(self.ln_eps > 0.0) {
+        if self.ln_eps.is_nan() || self.ln_eps <= 0.0 {
             return fail(format!("ln_eps {} must be > 0", self.ln_eps));
         }
         if self.target == TargetKind::Dalle {
@@ -172,7 +172,10 @@ impl CaeConfig {
             self.tokenizer.validate()?;
             // The tokenizer downsamples by 8 (three 2x pools, spec §3): one token per patch.
             let token_grid = self.target_view_size() / 8;
-            if self.img_size % 2 != 0 || self.target_view_size() % 8 != 0 || token_grid != self.grid_size() {
+            if !self.img_size.is_multiple_of(2)
+                || !self.target_view_size().is_multiple_of(8)
+                || token_grid != self.grid_size()
+            {
                 return fail(format!(
                     "tokenizer grid ({}/2)/8 = {} must equal the patch grid {}",
                     self.img_size,

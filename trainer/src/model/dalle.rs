@@ -47,7 +47,7 @@ impl DalleConfig {
         if self.n_hid < 64 || self.vocab_size < 512 {
             return Err(CaeError::Config(format!("tokenizer: need n_hid >= 64 and vocab >= 512, got {self:?}")));
         }
-        if self.n_hid % 4 != 0 {
+        if !self.n_hid.is_multiple_of(4) {
             return Err(CaeError::Config(format!("tokenizer: n_hid {} must be a multiple of 4", self.n_hid)));
         }
         Ok(())

@@ -77,7 +77,7 @@ impl<B: Backend> Encoder<B> {
     pub fn pos_at(&self, idx: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [n1, d] = self.pos_embed.dims();
         let b = idx.dims()[0];
-        let table = self.pos_embed.clone().slice([1..n1]).unsqueeze::<3>().expand([b, n1 - 1, d]); // [b, N, d]
+        let table = self.pos_embed.clone().narrow(0, 1, n1 - 1).unsqueeze::<3>().expand([b, n1 - 1, d]); // [b, N, d]
         gather_tokens(table, idx) // [b, k, d]
     }
 
@@ -89,7 +89,7 @@ impl<B: Backend> Encoder<B> {
         let [n1, d] = self.pos_embed.dims();
         let x = self.patch_embed.forward(images); // [b, N, d]
         let b = x.dims()[0];
-        let x = x + self.pos_embed.clone().slice([1..n1]).unsqueeze::<3>(); // [b, N, d]
+        let x = x + self.pos_embed.clone().narrow(0, 1, n1 - 1).unsqueeze::<3>(); // [b, N, d]
         let x = gather_tokens(x, visible_idx); // [b, n_vis, d]
         // pe_cls = 0 (spec §2.1), so the cls token goes in as is.
         let cls = self.cls_token.val().expand([b, 1, d]); // [b, 1, d]

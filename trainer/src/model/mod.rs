@@ -17,7 +17,9 @@ pub mod init;
 pub mod pos_embed;
 pub mod regressor;
 
-pub use cae::{Cae, CaeForward, CaeOutput, CaeTargets, mask_index_tensors, mask_to_indices, pixel_targets};
+pub use cae::{
+    Cae, CaeForward, CaeOutput, CaeTargets, MaskIndices, mask_index_tensors, mask_to_indices, pixel_targets,
+};
 pub use config::{CaeConfig, TargetKind};
 pub use dalle::{DalleConfig, DalleEncoder, map_pixels};
 pub use decoder::Decoder;
