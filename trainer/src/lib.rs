@@ -9,5 +9,6 @@
 
 pub mod error;
 pub mod model;
+pub mod optim;
 
 pub use error::CaeError;
