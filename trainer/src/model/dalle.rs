@@ -119,7 +119,8 @@ pub struct DalleBlock<B: Backend> {
 }
 
 impl<B: Backend> DalleBlock<B> {
-    fn new(n_in: usize, n_out: usize, post_gain: f64, device: &B::Device) -> Self {
+    /// A block with DALL-E's random init (hidden width n_out/4).
+    pub fn new(n_in: usize, n_out: usize, post_gain: f64, device: &B::Device) -> Self {
         let h = n_out / 4;
         Self {
             id_path: (n_in != n_out).then(|| dalle_conv(n_in, n_out, 1, device)),

@@ -97,7 +97,7 @@ fn encoder_without_mask_equals_plain_vit_reference() {
 }
 
 #[test]
-fn masked_forward_matches_reference_encoder_teacher_and_regressor() {
+fn masked_forward_matches_reference_encoder_teacher_regressor_decoder() {
     let dev = device();
     let c = CaeConfig::micro();
     B::seed(&dev, 21);
@@ -109,6 +109,7 @@ fn masked_forward_matches_reference_encoder_teacher_and_regressor() {
     let pixels: Vec<f64> = to_vec(img).into_iter().map(f64::from).collect();
     let per = 3 * 64 * 64;
     let (x_vis, pred, target) = (to_vec(parts.x_vis), to_vec(parts.latent_pred), to_vec(parts.latent_target));
+    let prediction = to_vec(parts.prediction); // [2, 6, 512]
     for b in 0..2 {
         let row = &mask[b * 16..(b + 1) * 16];
         let visible: Vec<usize> = (0..16).filter(|&i| !row[i]).collect();
@@ -121,6 +122,9 @@ fn masked_forward_matches_reference_encoder_teacher_and_regressor() {
         assert!(max_abs_diff(&target[b * 384..(b + 1) * 384], &teach[64..]) < 1e-3, "latent_target sample {b}");
         let reg = reference::regressor(&model.regressor, enc_vis, &visible, &masked, 4, 1e-6);
         assert!(max_abs_diff(&pred[b * 384..(b + 1) * 384], &reg) < 1e-3, "latent_pred sample {b}");
+        let latent_b: Vec<f64> = pred[b * 384..(b + 1) * 384].iter().map(|&v| v as f64).collect();
+        let logits = reference::decoder(&model.decoder, &latent_b, &masked, 4, 1e-6);
+        assert!(max_abs_diff(&prediction[b * 3072..(b + 1) * 3072], &logits) < 2e-3, "prediction sample {b}");
     }
 }
 

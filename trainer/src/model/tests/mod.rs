@@ -1,6 +1,7 @@
 //! Model tests on the CPU flex backend (micro / tiny configs, spec §7). Golden values are
 //! computed independently (formulas, plain-Rust reference implementations, spec §2.7 figures).
 
+mod dalle;
 mod forward;
 mod params;
 mod reference;

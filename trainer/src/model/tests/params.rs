@@ -65,3 +65,28 @@ fn lazy_count_equals_allocated_count_and_teacher_mirrors_encoder() {
     assert_eq!(model.num_params(), count_params_lazy(&model));
     assert_eq!(model.num_params(), 2 * enc + model.regressor.num_params() + model.decoder.num_params());
 }
+
+/// Closed-form counts from the spec §2.1/§2.3/§2.4 shapes: (encoder incl. pos, neck q/v-only).
+fn formula(c: &CaeConfig) -> (usize, usize) {
+    let (d, m, n, p) = (c.embed_dim, c.mlp_dim, c.num_patches(), c.patch_size);
+    let ffn = d * m + m + m * d + d;
+    // qkv (no bias) + q/v bias + proj + FFN + 2 LN + 2 gamma
+    let block = 3 * d * d + 2 * d + d * d + d + ffn + 4 * d + 2 * d;
+    // q, k, v (no bias) + q/v bias + proj + FFN + 4 LN + 2 gamma
+    let reg_layer = 3 * d * d + 2 * d + d * d + d + ffn + 8 * d + 2 * d;
+    let encoder = 3 * p * p * d + d + d + (1 + n) * d + c.depth * block + 2 * d;
+    let neck =
+        c.regressor_depth * reg_layer + c.decoder_depth * block + 4 * d + d * c.head_out_dim() + c.head_out_dim() + d;
+    (encoder, neck)
+}
+
+#[test]
+fn every_preset_matches_the_closed_form_count() {
+    for c in [CaeConfig::base(), CaeConfig::small(), CaeConfig::tiny(), CaeConfig::micro()] {
+        assert_eq!(counts(&c), formula(&c), "D = {}", c.embed_dim);
+        let pix = CaeConfig { target: crate::model::TargetKind::Pixels, ..c.clone() };
+        assert_eq!(counts(&pix), formula(&pix), "pixels head, D = {}", c.embed_dim);
+    }
+    // The formula itself reproduces the spec anchors.
+    assert_eq!(formula(&CaeConfig::base()), (85_807_872, 63_024_896));
+}

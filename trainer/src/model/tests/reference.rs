@@ -224,3 +224,20 @@ pub fn regressor(
     }
     Ln::from(&reg.norm_regressor, eps).apply(&q)
 }
+
+/// Decoder + head on one sample (spec §2.4): latent_pred n_mask×d -> n_mask×out.
+pub fn decoder(
+    dec: &crate::model::Decoder<B>,
+    latent_pred: &[f64],
+    masked: &[usize],
+    grid: usize,
+    eps: f64,
+) -> Vec<f64> {
+    let d = dec.norm_decoder.gamma.val().dims()[0];
+    let p_m: Vec<f64> = masked.iter().flat_map(|&t| pos(t, grid, d)).collect();
+    let mut y = add(latent_pred, &p_m);
+    for blk in &dec.layers {
+        y = block(&y, blk, eps);
+    }
+    Lin::from(&dec.head).apply(&Ln::from(&dec.norm_decoder, eps).apply(&y))
+}
