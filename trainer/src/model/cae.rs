@@ -61,7 +61,8 @@ pub struct Cae<B: Backend> {
     /// The student encoder, trained.
     pub encoder: Encoder<B>,
     /// Frozen copy of the encoder (spec §2.2): never requires grad, refreshed by
-    /// [`Cae::update_teacher`].
+    /// [`Cae::update_teacher`]. With `drop_path > 0` it applies drop path too whenever autodiff
+    /// is on, as ORIG's teacher does (it stays in train mode).
     pub teacher: Encoder<B>,
     /// Latent context regressor (spec §2.3), holds the mask token.
     pub regressor: Regressor<B>,

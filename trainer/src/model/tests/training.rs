@@ -181,3 +181,28 @@ fn pixel_target_loss_trains() {
     assert!((0.8..1.3).contains(&losses[0]), "initial pixel MSE {}", losses[0]);
     assert!(losses[29] < 0.7 * losses[0], "pixel MSE {} -> {}", losses[0], losses[29]);
 }
+
+#[test]
+fn record_roundtrip_keeps_teacher_frozen() {
+    let dev = device();
+    let c = CaeConfig::micro();
+    AB::seed(&dev, 12);
+    let trained = Cae::<AB>::new(&c, &dev).unwrap();
+    let fresh = Cae::<AB>::new(&c, &dev).unwrap();
+    assert_ne!(values(&fresh.encoder), values(&trained.encoder));
+    let loaded = fresh.load_record(trained.clone().into_record());
+    assert_eq!(values(&loaded.encoder), values(&trained.encoder));
+    assert_eq!(values(&loaded.teacher), values(&trained.teacher));
+    struct Frozen(usize, usize);
+    impl ModuleVisitor<AB> for Frozen {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AB, D>>) {
+            if p.val().is_require_grad() { self.0 += 1 } else { self.1 += 1 }
+        }
+    }
+    let mut t = Frozen(0, 0);
+    loaded.teacher.visit(&mut t);
+    assert_eq!(t.0, 0, "teacher parameters must stay frozen after loading a record");
+    let mut e = Frozen(0, 0);
+    loaded.encoder.visit(&mut e);
+    assert_eq!(e.1, 0, "encoder parameters must stay trainable after loading a record");
+}

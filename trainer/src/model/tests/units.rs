@@ -191,3 +191,23 @@ fn pos_at_gathers_rows_of_the_table() {
         .collect();
     assert_eq!(max_abs_diff(&got, &want), 0.0);
 }
+
+#[test]
+fn drop_path_drops_whole_samples_only_under_autodiff() {
+    use crate::model::block::{drop_path, drop_path_schedule};
+    let dev = device();
+    assert_eq!(drop_path_schedule(0.1, 3), vec![0.0, 0.05, 0.1]);
+    assert_eq!(drop_path_schedule(0.1, 1), vec![0.0]);
+    let x = Tensor::<B, 3>::ones([64, 2, 3], &dev);
+    assert_eq!(to_vec(drop_path(x, 0.5)), vec![1.0; 384], "no autodiff: identity");
+    super::AB::seed(&dev, 3);
+    let x = Tensor::<super::AB, 3>::ones([64, 2, 3], &dev);
+    let y = to_vec(drop_path(x.clone(), 0.5));
+    let mut dropped = 0;
+    for s in y.chunks(6) {
+        assert!(s.iter().all(|&v| v == s[0]) && (s[0] == 0.0 || s[0] == 2.0), "sample {s:?}");
+        dropped += usize::from(s[0] == 0.0);
+    }
+    assert!((10..=54).contains(&dropped), "{dropped} of 64 dropped at p = 0.5");
+    assert_eq!(to_vec(drop_path(x, 0.0)), vec![1.0; 384]);
+}
