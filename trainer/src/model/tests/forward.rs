@@ -93,7 +93,8 @@ fn encoder_without_mask_equals_plain_vit_reference() {
         .flat_map(|b| reference::encoder(&model.encoder, &pixels[b * per..(b + 1) * per], 64, 16, &visible, 1e-6))
         .collect();
     let err = max_abs_diff(&got, &want);
-    assert!(err < 1e-3, "max abs diff {err}");
+    // Measured ~1.4e-6 (f32 vs f64); the tanh-approximate GELU alone would give ~1.5e-4.
+    assert!(err < 5e-6, "max abs diff {err}");
 }
 
 #[test]
@@ -117,14 +118,14 @@ fn masked_forward_matches_reference_encoder_teacher_regressor_decoder() {
         let img_b = &pixels[b * per..(b + 1) * per];
         let enc = reference::encoder(&model.encoder, img_b, 64, 16, &visible, 1e-6);
         let enc_vis = &enc[64..]; // drop cls
-        assert!(max_abs_diff(&x_vis[b * 640..(b + 1) * 640], enc_vis) < 1e-3, "x_vis sample {b}");
+        assert!(max_abs_diff(&x_vis[b * 640..(b + 1) * 640], enc_vis) < 5e-6, "x_vis sample {b}");
         let teach = reference::encoder(&model.teacher, img_b, 64, 16, &masked, 1e-6);
-        assert!(max_abs_diff(&target[b * 384..(b + 1) * 384], &teach[64..]) < 1e-3, "latent_target sample {b}");
+        assert!(max_abs_diff(&target[b * 384..(b + 1) * 384], &teach[64..]) < 5e-6, "latent_target sample {b}");
         let reg = reference::regressor(&model.regressor, enc_vis, &visible, &masked, 4, 1e-6);
-        assert!(max_abs_diff(&pred[b * 384..(b + 1) * 384], &reg) < 1e-3, "latent_pred sample {b}");
+        assert!(max_abs_diff(&pred[b * 384..(b + 1) * 384], &reg) < 5e-6, "latent_pred sample {b}");
         let latent_b: Vec<f64> = pred[b * 384..(b + 1) * 384].iter().map(|&v| v as f64).collect();
         let logits = reference::decoder(&model.decoder, &latent_b, &masked, 4, 1e-6);
-        assert!(max_abs_diff(&prediction[b * 3072..(b + 1) * 3072], &logits) < 2e-3, "prediction sample {b}");
+        assert!(max_abs_diff(&prediction[b * 3072..(b + 1) * 3072], &logits) < 5e-6, "prediction sample {b}");
     }
 }
 

@@ -211,3 +211,27 @@ fn drop_path_drops_whole_samples_only_under_autodiff() {
     assert!((10..=54).contains(&dropped), "{dropped} of 64 dropped at p = 0.5");
     assert_eq!(to_vec(drop_path(x, 0.0)), vec![1.0; 384]);
 }
+
+#[test]
+fn layer_norms_use_eps_1e6() {
+    // Input with variance 1e-6: LN gives x/√(1e-6 + eps) = ±1/√2 with eps = 1e-6 (±0.30 with
+    // torch's default 1e-5), so this pins the epsilon of every LN kind in the model.
+    let dev = device();
+    let model = crate::model::Cae::<B>::new(&CaeConfig::micro(), &dev).unwrap();
+    let x = Tensor::<B, 3>::from_data(
+        TensorData::new((0..64).map(|i| if i % 2 == 0 { 1e-3f32 } else { -1e-3 }).collect::<Vec<_>>(), [1, 1, 64]),
+        &dev,
+    );
+    let lns = [
+        &model.encoder.layers[0].ln1,
+        &model.encoder.ln1,
+        &model.regressor.layers[0].norm1_k,
+        &model.regressor.layers[0].norm2,
+        &model.regressor.norm_regressor,
+        &model.decoder.norm_decoder,
+    ];
+    for ln in lns {
+        let y = to_vec(ln.forward(x.clone()));
+        assert!((y[0] as f64 - 0.5f64.sqrt()).abs() < 1e-3, "LN output {} (eps not 1e-6?)", y[0]);
+    }
+}
