@@ -3,6 +3,7 @@
 
 mod dalle;
 mod forward;
+mod init;
 mod params;
 mod reference;
 mod training;
