@@ -6,11 +6,28 @@ use burn::tensor::{Tensor, activation::softmax, backend::Backend};
 
 use super::init::{constant, xavier_linear};
 
+/// Splits `[b, n, d]` into heads `[b, h, n, d/h]` (head i = channels `i·d/h .. (i+1)·d/h`).
+fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    let [b, n, d] = x.dims();
+    x.reshape([b, n, heads, d / heads]).swap_dims(1, 2) // [b, h, n, hd]
+}
+
+/// Attention probabilities softmax(Q·Kᵀ·hd^-0.5) per head.
+///
+/// # Shapes
+/// - q: `[b, nq, d]`, k: `[b, nk, d]` -> `[b, h, nq, nk]`
+pub fn attention_weights<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    let hd = q.dims()[2] / heads;
+    let q = split_heads(q, heads) * (hd as f64).powf(-0.5); // [b, h, nq, hd]
+    let k = split_heads(k, heads); // [b, h, nk, hd]
+    softmax(q.matmul(k.swap_dims(2, 3)), 3) // [b, h, nq, nk]
+}
+
 /// softmax(Q·Kᵀ·scale)·V over `heads` heads, the shared core of self- and cross-attention.
 ///
 /// # Shapes
 /// - q: `[b, nq, d]`, k: `[b, nk, d]`, v: `[b, nk, d]` (already projected, biases added)
-/// - output: `[b, nq, d]`; head i uses channels `i·d/h .. (i+1)·d/h` of each.
+/// - output: `[b, nq, d]`
 pub fn multi_head_attention<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
@@ -18,13 +35,8 @@ pub fn multi_head_attention<B: Backend>(
     heads: usize,
 ) -> Tensor<B, 3> {
     let [b, nq, d] = q.dims();
-    let nk = k.dims()[1];
-    let hd = d / heads;
-    let scale = (hd as f64).powf(-0.5);
-    let q = q.reshape([b, nq, heads, hd]).swap_dims(1, 2) * scale; // [b, h, nq, hd]
-    let k = k.reshape([b, nk, heads, hd]).swap_dims(1, 2); // [b, h, nk, hd]
-    let v = v.reshape([b, nk, heads, hd]).swap_dims(1, 2); // [b, h, nk, hd]
-    let attn = softmax(q.matmul(k.swap_dims(2, 3)), 3); // [b, h, nq, nk]
+    let attn = attention_weights(q, k, heads); // [b, h, nq, nk]
+    let v = split_heads(v, heads); // [b, h, nk, hd]
     attn.matmul(v).swap_dims(1, 2).reshape([b, nq, d]) // [b, nq, d]
 }
 

@@ -6,6 +6,7 @@ use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use super::reference;
 use super::{B, device, images, max_abs_diff, randomize, to_vec, to_vec_i64};
 use crate::CaeError;
+use crate::model::attention::attention_weights;
 use crate::model::{Cae, CaeConfig, CaeTargets, DalleConfig, map_pixels, mask_index_tensors};
 
 /// Two fixed masks for the micro grid (6 of 16 masked each).
@@ -46,6 +47,10 @@ fn micro_stage_shapes_batch_2() {
     assert_eq!(parts.latent_target.dims(), [2, 6, 64]);
     assert_eq!(parts.latent_pred.dims(), [2, 6, 64]);
     assert_eq!(parts.prediction.dims(), [2, 6, 512]);
+    // Regressor kv (2, 16, 64) and logits (2, 2, 6, 16) (spec §7 B).
+    let kv = Tensor::cat(vec![parts.x_vis.clone(), parts.latent_pred.clone()], 1);
+    assert_eq!(kv.dims(), [2, 16, 64]);
+    assert_eq!(attention_weights(parts.latent_pred.clone(), kv, 2).dims(), [2, 2, 6, 16]);
     // Tokenizer: 32x32 view -> [2, 512, 4, 4] -> ids [2, 16].
     let tok = DalleConfig::micro().init::<B>(&dev);
     let view2 = map_pixels(images::<B>(2, 32, 2, &dev).clamp(0.0, 1.0));
@@ -64,7 +69,16 @@ fn tiny_stage_shapes_batch_2() {
     let (vis, msk) = mask_index_tensors::<B>(&base_grid_mask(2), 2, 196, 75, &dev).unwrap();
     assert_eq!((vis.dims(), msk.dims()), ([2, 121], [2, 75]));
     let img = images::<B>(2, 224, 3, &dev);
+    assert_eq!(model.encoder.patch_embed.projection.forward(img.clone()).dims(), [2, 192, 14, 14]);
     assert_eq!(model.encoder.patch_embed.forward(img.clone()).dims(), [2, 196, 192]);
+    // Inside the first encoder block: qkv (2, 122, 576), attention logits (2, 3, 122, 122).
+    let tokens = Tensor::<B, 3>::zeros([2, 122, 192], &dev);
+    let qkv = model.encoder.layers[0].attn.qkv.forward(tokens.clone());
+    assert_eq!(qkv.dims(), [2, 122, 576]);
+    assert_eq!(attention_weights(tokens.clone(), tokens, 3).dims(), [2, 3, 122, 122]);
+    // Regressor: q (2, 75, 192), kv (2, 196, 192), logits (2, 3, 75, 196).
+    let (q, kv) = (Tensor::<B, 3>::zeros([2, 75, 192], &dev), Tensor::<B, 3>::zeros([2, 196, 192], &dev));
+    assert_eq!(attention_weights(q, kv, 3).dims(), [2, 3, 75, 196]);
     assert_eq!(model.encoder.pos_at(msk.clone()).dims(), [2, 75, 192]);
     assert_eq!(model.encoder.pos_at(vis.clone()).dims(), [2, 121, 192]);
     assert_eq!(model.encoder.forward(img.clone(), vis.clone()).dims(), [2, 122, 192]);
@@ -74,6 +88,8 @@ fn tiny_stage_shapes_batch_2() {
     assert_eq!(parts.latent_target.dims(), [2, 75, 192]);
     assert_eq!(parts.latent_pred.dims(), [2, 75, 192]);
     assert_eq!(parts.prediction.dims(), [2, 75, 8192]);
+    // Head rows flattened batch-major for the CE: (150, 8192), targets (150,).
+    assert_eq!(parts.prediction.reshape([150, 8192]).dims(), [150, 8192]);
 }
 
 #[test]
