@@ -388,4 +388,54 @@ mod tests {
             assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
         }
     }
+
+    #[test]
+    fn cae_optimizer_with_schedule_and_clipping_trains_micro() {
+        use crate::model::{CaeTargets, mask_index_tensors};
+        use burn::tensor::{Distribution, Int};
+        let dev = Default::default();
+        AB::seed(&dev, 77);
+        let mut model = Cae::<AB>::new(&CaeConfig::micro(), &dev).unwrap();
+        let mut mask = vec![false; 32];
+        for i in [0, 3, 5, 8, 13, 14, 17, 18, 22, 25, 26, 31] {
+            mask[i] = true;
+        }
+        let (vis, msk) = mask_index_tensors::<AB>(&mask, 2, 16, 6, &dev).unwrap();
+        let img = Tensor::<AB, 4>::random([2, 3, 64, 64], Distribution::Normal(0.0, 1.0), &dev);
+        let tokens: Vec<i64> = (0..32).map(|i| i * 29 % 512).collect();
+        let targets = CaeTargets::Tokens(Tensor::<AB, 2, Int>::from_data(TensorData::new(tokens, [2, 16]), &dev));
+        let schedule = LrSchedule::new(3e-3, 1e-5, 10, 150).unwrap();
+        let mut opt = CaeOptimizer::new(&OptimConfig::default(), &model);
+        let mut encoder_before_last_step = None;
+        let (mut first, mut last, mut max_norm) = (0.0f64, 0.0f64, 0.0f64);
+        for t in 0..150 {
+            let out = model.forward(img.clone(), vis.clone(), msk.clone(), &targets).unwrap();
+            let loss = scalar(out.loss.clone());
+            if t == 0 {
+                first = loss;
+                // lr(0) = 0: the first step must leave the student unchanged.
+                let enc_before = model.encoder.patch_embed.projection.weight.val().into_data();
+                let grads = GradientsParams::from_grads(out.loss.backward(), &model);
+                model = model.update_teacher();
+                let (m, norm) = opt.step(schedule.lr(t), model, grads);
+                model = m;
+                max_norm = max_norm.max(scalar(norm));
+                assert_eq!(model.encoder.patch_embed.projection.weight.val().into_data(), enc_before);
+                continue;
+            }
+            last = loss;
+            let grads = GradientsParams::from_grads(out.loss.backward(), &model);
+            model = model.update_teacher();
+            encoder_before_last_step = Some(model.encoder.cls_token.val().into_data());
+            let (m, norm) = opt.step(schedule.lr(t), model, grads);
+            model = m;
+            max_norm = max_norm.max(scalar(norm));
+        }
+        assert!(max_norm > 0.0);
+        assert!(last < 0.2 * first, "loss {first} -> {last}");
+        // The optimizer groups never touch the teacher: it still holds the encoder as it was
+        // right before the last step (the one-step lag of spec §2.2).
+        assert_eq!(Some(model.teacher.cls_token.val().into_data()), encoder_before_last_step);
+        assert_ne!(model.teacher.cls_token.val().into_data(), model.encoder.cls_token.val().into_data());
+    }
 }
