@@ -1,11 +1,13 @@
 //! Typed errors of the trainer library.
 
+use std::path::PathBuf;
+
 use thiserror::Error;
 
 /// Everything the trainer library can refuse.
 #[derive(Debug, Error)]
 pub enum CaeError {
-    /// A [`crate::model::CaeConfig`] is inconsistent (raised by `validate`, i.e. at start-up).
+    /// A [`crate::model::CaeConfig`] or a run config is inconsistent (raised at start-up).
     #[error("invalid config: {0}")]
     Config(String),
     /// A tensor handed to a forward pass has the wrong shape.
@@ -17,4 +19,24 @@ pub enum CaeError {
     /// The targets handed to `Cae::forward` do not match the configured target kind.
     #[error("target kind mismatch: config wants {expected}, got {got}")]
     TargetKind { expected: &'static str, got: &'static str },
+    /// A file or directory of the run (config, checkpoint, log) cannot be read or written.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    /// A checkpoint file is malformed, from another format version, or does not fit the model.
+    #[error("checkpoint {}: {reason}", path.display())]
+    Checkpoint { path: PathBuf, reason: String },
+    /// The data pipeline failed (shard list, loader thread, too many bad samples).
+    #[error("data: {0}")]
+    Data(String),
+    /// The loss became NaN or infinite; the run stops and the last good checkpoint is kept.
+    #[error("non-finite loss {loss} at step {step} (last good checkpoint kept)")]
+    NonFinite { step: u64, loss: f64 },
+}
+
+impl CaeError {
+    /// Wraps an I/O error with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
 }

@@ -5,16 +5,28 @@
 //!   teacher copy, the DALL-E tokenizer of §3), generic over `B: Backend`.
 //! - [`optim`]: spec §4 — warmup + cosine lr schedule, AdamW with MS0's no-decay groups,
 //!   global-norm gradient clipping.
+//! - [`config`]: the TOML run config ([`config::RunConfig`]: preset + overrides).
+//! - [`train`]: the training loop of `trainer run` (pipeline -> device -> step -> logs).
+//! - [`checkpoint`]: atomic checkpoint files with exact resume state.
+//! - [`metrics`]: the Prometheus series (`cae_train_*`).
+//! - [`builtin`]: the built-in sample set of the no-argument run.
+//! - [`cli`]: the `trainer` command line; the only place that picks a backend.
 //! - [`error`]: the crate's typed error, [`CaeError`].
 //!
 //! One training step: `tokens = tokenizer.tokens(map_pixels(view2))`, `out = model.forward(view1,
 //! visible_idx, masked_idx, &CaeTargets::Tokens(tokens))?`, `grads = out.loss.backward()`,
 //! `model = model.update_teacher()` (before the step, spec §2.2), then `optimizer.step(lr(t), ...)`.
 //!
-//! The backend type is chosen only in binaries and tests (CPU: burn-flex; GPU: the `cuda` feature).
+//! The backend type is chosen only in [`cli`] (CPU: burn-flex; GPU: the `cuda` feature).
 
+pub mod builtin;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod train;
 
 pub use error::CaeError;

@@ -12,6 +12,8 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{Tensor, backend::AutodiffBackend, backend::Backend};
 
+use serde::{Deserialize, Serialize};
+
 use crate::CaeError;
 
 /// Reference batch of the MS0 recipe; lr scales linearly with it (spec §4).
@@ -113,6 +115,32 @@ pub fn no_decay_ids<B: Backend, M: Module<B>>(module: &M) -> HashSet<ParamId> {
     param_names(module).into_iter().filter(|(_, n)| !has_weight_decay(n)).map(|(id, _)| id).collect()
 }
 
+/// Which parameters get weight decay 0 (spec §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoDecayRule {
+    /// MS0: names containing `norm`, `bias` or `gamma` ([`has_weight_decay`]).
+    Names,
+    /// ORIG (`furnace/optim_factory.py`): every 1-D tensor and every `.bias`.
+    OneD,
+}
+
+/// Parameter ids that get weight decay 0 under the ORIG rule: 1-D tensors and `.bias` names.
+pub fn no_decay_ids_1d<B: Backend, M: Module<B>>(module: &M) -> HashSet<ParamId> {
+    struct OneD(HashSet<ParamId>);
+    impl<B: Backend> ModuleVisitor<B> for OneD {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if D == 1 {
+                self.0.insert(param.id);
+            }
+        }
+    }
+    let mut v = OneD(HashSet::new());
+    module.visit(&mut v);
+    v.0.extend(param_names(module).into_iter().filter(|(_, n)| n.ends_with(".bias") || n == "bias").map(|(id, _)| id));
+    v.0
+}
+
 /// Global L2 norm over every gradient of `module` present in `grads`, and the clipped
 /// gradients: all scaled by `max_norm/(‖g‖ + 1e-6)` when that is below 1 (torch
 /// `clip_grad_norm_`, spec §4). No host synchronisation: the norm stays on the device.
@@ -167,13 +195,29 @@ pub struct OptimConfig {
     pub weight_decay: f32,
     /// Global-norm clipping threshold (3.0); `None` disables clipping.
     pub clip_grad_norm: Option<f64>,
+    /// Which parameters are not decayed.
+    pub no_decay: NoDecayRule,
 }
 
 impl Default for OptimConfig {
     fn default() -> Self {
-        Self { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-8, weight_decay: 0.05, clip_grad_norm: Some(3.0) }
+        Self {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 0.05,
+            clip_grad_norm: Some(3.0),
+            no_decay: NoDecayRule::Names,
+        }
     }
 }
+
+/// The saved state of a [`CaeOptimizer`]: AdamW moments and step counts of both groups, keyed
+/// by parameter id (ids are restored with the model record, so the two always match).
+pub type CaeOptimizerRecord<B, M> = (
+    <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record,
+    <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record,
+);
 
 /// AdamW with the MS0 no-decay groups and global-norm clipping.
 pub struct CaeOptimizer<B: AutodiffBackend, M: AutodiffModule<B>> {
@@ -191,9 +235,23 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> CaeOptimizer<B, M> {
         Self {
             decay: base.clone().with_weight_decay(config.weight_decay).init(),
             no_decay: base.with_weight_decay(0.0).init(),
-            no_decay_ids: no_decay_ids(module),
+            no_decay_ids: match config.no_decay {
+                NoDecayRule::Names => no_decay_ids(module),
+                NoDecayRule::OneD => no_decay_ids_1d(module),
+            },
             clip: config.clip_grad_norm,
         }
+    }
+
+    /// The optimizer state (decay group, no-decay group), for checkpoints.
+    pub fn to_record(&self) -> CaeOptimizerRecord<B, M> {
+        (self.decay.to_record(), self.no_decay.to_record())
+    }
+
+    /// Restores a state saved by [`CaeOptimizer::to_record`].
+    pub fn load_record(self, record: CaeOptimizerRecord<B, M>) -> Self {
+        let (decay, no_decay) = record;
+        Self { decay: self.decay.load_record(decay), no_decay: self.no_decay.load_record(no_decay), ..self }
     }
 
     /// Ids of the parameters that are not decayed.

@@ -1,0 +1,298 @@
+//! End-to-end tests of `trainer run` on the CPU (micro preset, small built-in data): exact resume
+//! after kill -9, SIGTERM checkpoints, the Prometheus endpoint, and the loss going down.
+//!
+//! Every trainer runs in a child process: this test binary re-executed with the ignored
+//! `child_trainer` test, which calls `cae_trainer::cli::main_from` with the arguments in
+//! `TRAINER_ARGS` (a JSON array). Signals and kill -9 then hit a real, separate process.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cae_sharder::{BuildOptions, build};
+use cae_tools::fixtures::{FixtureSpec, generate};
+use cae_trainer::checkpoint::{Checkpoint, list, locate};
+use cae_trainer::train::{HANG_ENV, STEP_LOG, StepLog, read_step_log};
+
+const ARGS_ENV: &str = "TRAINER_ARGS";
+
+/// Runs in a child process (re-executed test binary).
+#[test]
+#[ignore = "helper: run by the trainer tests in a child process"]
+fn child_trainer() {
+    let Ok(json) = std::env::var(ARGS_ENV) else { return };
+    let args: Vec<String> = serde_json::from_str(&json).expect("TRAINER_ARGS is a JSON array");
+    if let Err(e) = cae_trainer::cli::main_from(args) {
+        panic!("trainer failed: {e:#}");
+    }
+}
+
+/// Small built-in data: classes x per_class images (no odd files), sharded with a manifest.
+fn shards(dir: &Path, classes: usize, per_class: usize) -> PathBuf {
+    let fx = generate(&dir.join("img"), &FixtureSpec { classes, per_class, seed: 5, odd_files: false, max_side: 160 })
+        .expect("fixtures");
+    let out = dir.join("shards");
+    let mut o = BuildOptions::new(&fx.train_dir, &out);
+    o.shard_max_samples = 16;
+    o.workers = 2;
+    build(&o).expect("sharder build");
+    out
+}
+
+/// `trainer run` arguments for micro on `shards`, batch 8.
+fn run_args(shards: &Path, out: &Path, steps: u64, every: u64) -> Vec<String> {
+    let mut a: Vec<String> = vec!["trainer".into(), "run".into()];
+    for (k, v) in [
+        ("--shards", shards.to_string_lossy().into_owned()),
+        ("--out", out.to_string_lossy().into_owned()),
+        ("--metrics-addr", "off".into()),
+        ("--steps", steps.to_string()),
+        ("--checkpoint-every", every.to_string()),
+        ("--set", "data.batch_size=8".into()),
+        ("--set", "data.workers=2".into()),
+        ("--set", "data.shuffle_buffer=24".into()),
+        ("--set", "log_every=1000".into()),
+    ] {
+        a.push(k.into());
+        a.push(v);
+    }
+    a.push("--no-progress".into());
+    a
+}
+
+fn spawn(args: &[String], envs: &[(&str, String)]) -> Child {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args(["child_trainer", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(ARGS_ENV, serde_json::to_string(args).unwrap())
+        .env_remove(HANG_ENV)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.spawn().expect("spawn child trainer")
+}
+
+/// Runs a child to completion; panics with its output when it fails.
+fn run_ok(args: &[String]) -> String {
+    let out = spawn(args, &[]).wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "trainer failed:\n{text}");
+    text
+}
+
+/// Waits until the child's stderr contains `needle`; returns the child (stderr drained in a thread).
+fn wait_for_stderr(child: &mut Child, needle: &str, timeout: Duration) {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let needle = needle.to_string();
+    std::thread::spawn(move || {
+        let mut seen = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !seen && line.contains(&needle) {
+                seen = true;
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(timeout).unwrap_or_else(|_| panic!("child never printed {needle:?}"));
+}
+
+/// Waits until the run's step log has at least `n` lines.
+fn wait_for_steps(run: &Path, n: usize, child: &mut Child, timeout: Duration) {
+    let t = Instant::now();
+    loop {
+        if let Ok(log) = read_step_log(&run.join(STEP_LOG))
+            && log.len() >= n
+        {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut s = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut s);
+            }
+            panic!("child exited early ({status}):\n{s}");
+        }
+        assert!(t.elapsed() < timeout, "fewer than {n} steps after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().expect("kill").success();
+    assert!(ok, "kill {sig} failed");
+}
+
+fn bits(log: &[StepLog]) -> Vec<(u64, u64, u64, u64, u64, u64)> {
+    log.iter()
+        .map(|s| {
+            (s.step, s.loss.to_bits(), s.loss_main.to_bits(), s.loss_align.to_bits(), s.lr.to_bits(), s.grad_norm.to_bits())
+        })
+        .collect()
+}
+
+#[test]
+fn kill_9_then_resume_gives_the_uninterrupted_losses_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path(), 3, 16); // 48 samples: 6 batches of 8 per epoch
+    let steps = 14; // crosses two epoch boundaries
+
+    // Uninterrupted reference run.
+    let a = tmp.path().join("a");
+    run_ok(&run_args(&data, &a, steps, 0));
+    let ref_log = read_step_log(&a.join(STEP_LOG)).unwrap();
+    assert_eq!(ref_log.iter().map(|s| s.step).collect::<Vec<_>>(), (1..=steps).collect::<Vec<_>>());
+    assert_eq!(ref_log[0].lr, 0.0, "lr(0) = 0");
+    assert!(ref_log.windows(2).any(|w| w[0].loss != w[1].loss), "losses must vary");
+
+    // Same run, checkpoint every 4 steps, killed with SIGKILL after step 6 (steps 5 and 6 are
+    // logged but not checkpointed: the resume must redo them).
+    let b = tmp.path().join("b");
+    let mut child = spawn(&run_args(&data, &b, steps, 4), &[(HANG_ENV, "6".into())]);
+    wait_for_stderr(&mut child, "hang after step 6", Duration::from_secs(60));
+    child.kill().expect("kill -9");
+    child.wait().unwrap();
+    let ckpts: Vec<u64> = list(&b).unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(ckpts, vec![4]);
+    assert_eq!(read_step_log(&b.join(STEP_LOG)).unwrap().len(), 6);
+
+    // Resume from the run dir (its latest checkpoint).
+    let out = run_ok(&[
+        "trainer".into(),
+        "run".into(),
+        "--resume".into(),
+        b.to_string_lossy().into_owned(),
+        "--shards".into(),
+        data.to_string_lossy().into_owned(),
+        "--metrics-addr".into(),
+        "off".into(),
+        "--no-progress".into(),
+    ]);
+    assert!(out.contains("resuming from"), "{out}");
+    let resumed = read_step_log(&b.join(STEP_LOG)).unwrap();
+    assert_eq!(bits(&resumed), bits(&ref_log), "resumed losses differ:\n{resumed:?}\nvs\n{ref_log:?}");
+    // Both runs end with a checkpoint at the last step holding the same loader position.
+    let (ca, cb) = (Checkpoint::read(&locate(&a).unwrap()).unwrap(), Checkpoint::read(&locate(&b).unwrap()).unwrap());
+    assert_eq!((ca.header.step, cb.header.step), (steps, steps));
+    assert_eq!(ca.header.loader, cb.header.loader);
+    assert_eq!(ca.header.loader.epoch, 2, "14 batches of 6 per epoch end in epoch 2");
+}
+
+#[test]
+fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path(), 2, 12);
+    let run = tmp.path().join("run");
+    let mut child = spawn(&run_args(&data, &run, 100_000, 0), &[]);
+    wait_for_steps(&run, 3, &mut child, Duration::from_secs(60));
+    signal(&child, "-TERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM must end the run with status 0, got {status}");
+    let log = read_step_log(&run.join(STEP_LOG)).unwrap();
+    let ck = Checkpoint::read(&locate(&run).unwrap()).unwrap();
+    assert_eq!(ck.header.step, log.last().unwrap().step, "the checkpoint holds the last completed step");
+    assert!(ck.header.step >= 3 && ck.header.step < 100_000);
+    assert_eq!(ck.header.loss, Some(log.last().unwrap().loss));
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path(), 2, 8);
+    let run = tmp.path().join("run");
+    // The child hangs after step 2: the first SIGTERM only sets the stop flag, the second one
+    // must end the process without waiting for the step loop.
+    let mut child = spawn(&run_args(&data, &run, 1000, 0), &[(HANG_ENV, "2".into())]);
+    wait_for_stderr(&mut child, "hang after step 2", Duration::from_secs(60));
+    signal(&child, "-TERM");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(child.try_wait().unwrap().is_none(), "one signal must not kill the process");
+    signal(&child, "-TERM");
+    let t = Instant::now();
+    let status = child.wait().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130), "second signal: immediate exit with 130");
+    assert!(list(&run).map(|l| l.is_empty()).unwrap_or(true), "no checkpoint was written");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn scrape(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// The value of an unlabelled series in Prometheus text format.
+fn value(body: &str, name: &str) -> Option<f64> {
+    body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn metrics_endpoint_serves_the_named_series() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path(), 2, 12);
+    let run = tmp.path().join("run");
+    let port = free_port();
+    let mut args = run_args(&data, &run, 100_000, 0);
+    let i = args.iter().position(|a| a == "off").unwrap();
+    args[i] = format!("127.0.0.1:{port}");
+    let mut child = spawn(&args, &[]);
+    wait_for_steps(&run, 3, &mut child, Duration::from_secs(60));
+    let body = scrape(port);
+    signal(&child, "-TERM");
+    assert!(child.wait().unwrap().success());
+
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    for name in [
+        "cae_train_steps_total",
+        "cae_train_images_total",
+        "cae_train_loss",
+        "cae_train_loss_main",
+        "cae_train_loss_align",
+        "cae_train_lr",
+        "cae_train_grad_norm",
+        "cae_train_step_seconds",
+        "cae_train_data_wait_seconds",
+        "cae_train_images_per_second",
+        "cae_pipeline_samples_total",
+        "cae_pipeline_batches_popped_total",
+    ] {
+        assert!(body.contains(&format!("# HELP {name} ")), "no help text for {name}:\n{body}");
+        assert!(body.lines().any(|l| l.starts_with(name) && !l.starts_with('#')), "no sample of {name}:\n{body}");
+    }
+    let steps = value(&body, "cae_train_steps_total").expect("steps counter");
+    let images = value(&body, "cae_train_images_total").expect("images counter");
+    assert!(steps >= 3.0, "{steps}");
+    // 8 images per step (the images counter is bumped right after the steps counter).
+    assert!(images == 8.0 * steps || images == 8.0 * (steps - 1.0), "{images} images after {steps} steps");
+    let loss = value(&body, "cae_train_loss").expect("loss gauge");
+    let logged = read_step_log(&run.join(STEP_LOG)).unwrap();
+    assert!(logged.iter().any(|s| s.loss == loss), "the exported loss {loss} is one of the logged losses");
+    assert!(value(&body, "cae_train_step_seconds_count").is_some_and(|c| c >= 3.0), "{body}");
+}
+
+#[test]
+fn micro_loss_falls_on_builtin_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path(), 4, 16);
+    let run = tmp.path().join("run");
+    let steps = 120;
+    run_ok(&run_args(&data, &run, steps, 0));
+    let log = read_step_log(&run.join(STEP_LOG)).unwrap();
+    assert_eq!(log.len(), steps as usize);
+    let mean = |s: &[StepLog]| s.iter().map(|x| x.loss).sum::<f64>() / s.len() as f64;
+    let (early, late) = (mean(&log[..15]), mean(&log[log.len() - 15..]));
+    eprintln!("micro on built-in data: mean loss of the first 15 steps {early:.4}, of the last 15 {late:.4}");
+    assert!(late < 0.8 * early, "loss did not fall: {early} -> {late}");
+    assert!(log.iter().all(|s| s.loss.is_finite() && s.step_seconds > 0.0 && s.data_wait_seconds >= 0.0));
+    assert!(log.iter().all(|s| s.data_wait_seconds <= s.step_seconds));
+}

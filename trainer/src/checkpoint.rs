@@ -1,0 +1,267 @@
+//! Checkpoint files: one file per checkpoint, written atomically, the last K kept.
+//!
+//! Layout of `<run>/checkpoints/step-00000100.ckpt`:
+//!
+//! ```text
+//! b"CAECKPT1"  u64 LE: length of the JSON header  JSON header  section bytes, back to back
+//! ```
+//!
+//! The JSON header ([`CheckpointHeader`]) holds the step, the pipeline's resume state, the
+//! resolved run config (TOML text) and the byte length of every section. Sections are burn
+//! records in named MessagePack at full precision (f32 stays f32, so a resumed CPU run is bit
+//! for bit the uninterrupted one): `model` (encoder, teacher, regressor, decoder),
+//! `optimizer` (AdamW moments and step counts of both weight-decay groups) and, for a random
+//! DALL-E tokenizer, `tokenizer`. There is no other RNG state: the model draws random numbers
+//! only at init (and for drop path, which is 0 in every preset), and the data pipeline derives
+//! every random choice from (seed, epoch, shard, index).
+//!
+//! Writing: `step-N.ckpt.tmp` is written and fsynced, renamed over `step-N.ckpt`, then the
+//! directory is fsynced; a crash at any point leaves either the old set of checkpoints or the
+//! new one. Older checkpoints beyond `keep_last` are deleted afterwards.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Record, Recorder};
+use burn::tensor::backend::Backend;
+use cae_pipeline::LoaderState;
+use serde::{Deserialize, Serialize};
+
+use crate::CaeError;
+
+const MAGIC: &[u8; 8] = b"CAECKPT1";
+/// Sub-directory of a run dir that holds its checkpoints.
+pub const CHECKPOINT_DIR: &str = "checkpoints";
+const EXT: &str = "ckpt";
+
+/// What a checkpoint says about itself.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointHeader {
+    /// Completed optimizer steps.
+    pub step: u64,
+    /// Where the data pipeline resumes (right after the last batch used by step `step`).
+    pub loader: LoaderState,
+    /// The resolved run config, TOML.
+    pub config: String,
+    /// Loss of the last step, for listings.
+    pub loss: Option<f64>,
+    /// `(name, byte length)` of every section, in file order.
+    pub sections: Vec<(String, u64)>,
+}
+
+/// A checkpoint read back: the header and its raw sections.
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub header: CheckpointHeader,
+    sections: Vec<(String, Vec<u8>)>,
+}
+
+type Rec = NamedMpkBytesRecorder<FullPrecisionSettings>;
+
+/// Encodes a burn record as a section.
+pub fn encode_record<B: Backend, R: Record<B>>(record: R) -> Result<Vec<u8>, CaeError> {
+    <Rec as Recorder<B>>::record(&Rec::default(), record, ())
+        .map_err(|e| CaeError::Checkpoint { path: PathBuf::new(), reason: format!("encoding a record: {e}") })
+}
+
+impl Checkpoint {
+    /// Decodes section `name` as a burn record.
+    pub fn record<B: Backend, R: Record<B>>(&self, name: &str, device: &B::Device) -> Result<R, CaeError> {
+        let bytes = self.section(name)?.to_vec();
+        <Rec as Recorder<B>>::load(&Rec::default(), bytes, device).map_err(|e| CaeError::Checkpoint {
+            path: self.path.clone(),
+            reason: format!("section {name:?} does not fit this model: {e}"),
+        })
+    }
+
+    /// Whether section `name` is present.
+    pub fn has(&self, name: &str) -> bool {
+        self.sections.iter().any(|(n, _)| n == name)
+    }
+
+    fn section(&self, name: &str) -> Result<&[u8], CaeError> {
+        self.sections
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b.as_slice())
+            .ok_or_else(|| CaeError::Checkpoint { path: self.path.clone(), reason: format!("no section {name:?}") })
+    }
+
+    /// Reads and checks a checkpoint file (magic, header, section lengths).
+    pub fn read(path: &Path) -> Result<Self, CaeError> {
+        let bytes = fs::read(path).map_err(CaeError::io(path))?;
+        let bad = |reason: String| CaeError::Checkpoint { path: path.to_path_buf(), reason };
+        if bytes.len() < 16 || &bytes[..8] != MAGIC {
+            return Err(bad("not a CAE checkpoint (bad magic)".into()));
+        }
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&bytes[8..16]);
+        let hlen = u64::from_le_bytes(len) as usize;
+        let body = &bytes[16..];
+        if hlen > body.len() {
+            return Err(bad(format!("header length {hlen} exceeds the file")));
+        }
+        let header: CheckpointHeader =
+            serde_json::from_slice(&body[..hlen]).map_err(|e| bad(format!("bad header: {e}")))?;
+        let mut rest = &body[hlen..];
+        let mut sections = Vec::new();
+        for (name, n) in &header.sections {
+            let n = *n as usize;
+            if n > rest.len() {
+                return Err(bad(format!("section {name:?} is truncated")));
+            }
+            sections.push((name.clone(), rest[..n].to_vec()));
+            rest = &rest[n..];
+        }
+        if !rest.is_empty() {
+            return Err(bad(format!("{} trailing bytes", rest.len())));
+        }
+        Ok(Self { path: path.to_path_buf(), header, sections })
+    }
+}
+
+/// File name of the checkpoint of `step`.
+pub fn file_name(step: u64) -> String {
+    format!("step-{step:08}.{EXT}")
+}
+
+fn step_of(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    name.strip_prefix("step-")?.strip_suffix(&format!(".{EXT}"))?.parse().ok()
+}
+
+/// Checkpoints of a run dir (`<run>/checkpoints/`), or of a checkpoints dir itself, sorted by step.
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CaeError> {
+    let ckdir = if dir.join(CHECKPOINT_DIR).is_dir() { dir.join(CHECKPOINT_DIR) } else { dir.to_path_buf() };
+    let mut out = Vec::new();
+    for e in fs::read_dir(&ckdir).map_err(CaeError::io(&ckdir))? {
+        let p = e.map_err(CaeError::io(&ckdir))?.path();
+        if let Some(s) = step_of(&p) {
+            out.push((s, p));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A checkpoint path from `--resume` / `--checkpoint`: a file as it is, a directory (run dir
+/// or its `checkpoints/`) means its latest checkpoint.
+pub fn locate(path: &Path) -> Result<PathBuf, CaeError> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.is_dir() {
+        return Err(CaeError::Checkpoint { path: path.to_path_buf(), reason: "no such file or directory".into() });
+    }
+    list(path)?.pop().map(|(_, p)| p).ok_or_else(|| CaeError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: "no checkpoint (step-*.ckpt) in this directory".into(),
+    })
+}
+
+/// The run dir a checkpoint file belongs to (`<run>/checkpoints/step-N.ckpt` -> `<run>`).
+pub fn run_dir_of(ckpt: &Path) -> Option<PathBuf> {
+    let parent = ckpt.parent()?;
+    if parent.file_name()? == CHECKPOINT_DIR { parent.parent().map(Path::to_path_buf) } else { None }
+}
+
+/// Writes a checkpoint atomically into `<run_dir>/checkpoints/` and keeps the last `keep_last`.
+/// Returns the final path.
+pub fn write(
+    run_dir: &Path,
+    header: &CheckpointHeader,
+    sections: &[(&str, Vec<u8>)],
+    keep_last: usize,
+) -> Result<PathBuf, CaeError> {
+    let dir = run_dir.join(CHECKPOINT_DIR);
+    fs::create_dir_all(&dir).map_err(CaeError::io(&dir))?;
+    let mut header = header.clone();
+    header.sections = sections.iter().map(|(n, b)| (n.to_string(), b.len() as u64)).collect();
+    let json = serde_json::to_vec(&header)
+        .map_err(|e| CaeError::Checkpoint { path: dir.clone(), reason: format!("header: {e}") })?;
+    let path = dir.join(file_name(header.step));
+    let tmp = dir.join(format!("{}.tmp", file_name(header.step)));
+    {
+        let mut f = fs::File::create(&tmp).map_err(CaeError::io(&tmp))?;
+        f.write_all(MAGIC).map_err(CaeError::io(&tmp))?;
+        f.write_all(&(json.len() as u64).to_le_bytes()).map_err(CaeError::io(&tmp))?;
+        f.write_all(&json).map_err(CaeError::io(&tmp))?;
+        for (_, b) in sections {
+            f.write_all(b).map_err(CaeError::io(&tmp))?;
+        }
+        f.sync_all().map_err(CaeError::io(&tmp))?;
+    }
+    fs::rename(&tmp, &path).map_err(CaeError::io(&path))?;
+    if let Ok(d) = fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    prune(&dir, keep_last)?;
+    Ok(path)
+}
+
+/// Deletes all but the newest `keep_last` checkpoints, and stale temp files.
+fn prune(dir: &Path, keep_last: usize) -> Result<(), CaeError> {
+    let all = list(dir)?;
+    let excess = all.len().saturating_sub(keep_last.max(1));
+    for (_, p) in &all[..excess] {
+        fs::remove_file(p).map_err(CaeError::io(p))?;
+    }
+    for e in fs::read_dir(dir).map_err(CaeError::io(dir))?.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "tmp") {
+            let _ = fs::remove_file(&p);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(step: u64) -> CheckpointHeader {
+        CheckpointHeader {
+            step,
+            loader: LoaderState { epoch: 1, batch: 2, consumed: 70 },
+            config: "preset = \"micro\"".into(),
+            loss: Some(1.5),
+            sections: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn write_read_keep_last_and_locate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        for step in [10, 20, 30, 40] {
+            write(run, &header(step), &[("a", vec![1, 2, 3]), ("b", vec![step as u8; 5])], 2).unwrap();
+        }
+        let steps: Vec<u64> = list(run).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![30, 40]);
+        let latest = locate(run).unwrap();
+        assert_eq!(latest, run.join(CHECKPOINT_DIR).join("step-00000040.ckpt"));
+        assert_eq!(run_dir_of(&latest).as_deref(), Some(run));
+        let c = Checkpoint::read(&latest).unwrap();
+        assert_eq!(c.header.step, 40);
+        assert_eq!(c.header.loader, LoaderState { epoch: 1, batch: 2, consumed: 70 });
+        assert_eq!(c.section("a").unwrap(), &[1, 2, 3]);
+        assert_eq!(c.section("b").unwrap(), &[40; 5]);
+        assert!(c.section("c").is_err());
+    }
+
+    #[test]
+    fn truncated_or_foreign_files_are_refused_and_tmp_files_ignored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = write(tmp.path(), &header(5), &[("model", vec![9; 100])], 3).unwrap();
+        let bytes = fs::read(&p).unwrap();
+        let cut = tmp.path().join("cut.ckpt");
+        fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+        assert!(Checkpoint::read(&cut).unwrap_err().to_string().contains("truncated"));
+        fs::write(&cut, b"PK\x03\x04 not ours").unwrap();
+        assert!(Checkpoint::read(&cut).unwrap_err().to_string().contains("magic"));
+        // A temp file left by a crash is not a checkpoint.
+        fs::write(tmp.path().join(CHECKPOINT_DIR).join("step-00000009.ckpt.tmp"), b"half").unwrap();
+        assert_eq!(locate(tmp.path()).unwrap(), p);
+    }
+}

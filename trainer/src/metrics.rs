@@ -1,0 +1,81 @@
+//! Prometheus metrics of a training run (through the `metrics` facade; [`install`] serves them
+//! together with the pipeline's `cae_pipeline_*` series). Names carry the `cae_` prefix;
+//! counters end in `_total`, timings in `_seconds`. Every series has help text, which
+//! `promtool check metrics` requires.
+
+use std::net::SocketAddr;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+/// Optimizer steps completed.
+pub const STEPS: &str = "cae_train_steps_total";
+/// Images consumed by completed steps.
+pub const IMAGES: &str = "cae_train_images_total";
+/// Total loss of the last step (`loss_main + loss_align`).
+pub const LOSS: &str = "cae_train_loss";
+/// Main loss of the last step (cross-entropy over tokens, or pixel MSE).
+pub const LOSS_MAIN: &str = "cae_train_loss_main";
+/// Alignment loss of the last step (2·MSE to the teacher).
+pub const LOSS_ALIGN: &str = "cae_train_loss_align";
+/// Learning rate of the last step.
+pub const LR: &str = "cae_train_lr";
+/// Global gradient L2 norm of the last step, before clipping.
+pub const GRAD_NORM: &str = "cae_train_grad_norm";
+/// Wall time per optimizer step (data wait included).
+pub const STEP_SECONDS: &str = "cae_train_step_seconds";
+/// Time per step the training loop was blocked waiting for the data pipeline.
+pub const DATA_WAIT_SECONDS: &str = "cae_train_data_wait_seconds";
+/// Training throughput over the last step.
+pub const IMAGES_PER_SECOND: &str = "cae_train_images_per_second";
+/// Current data epoch.
+pub const EPOCH: &str = "cae_train_epoch";
+/// Checkpoints written.
+pub const CHECKPOINTS: &str = "cae_train_checkpoints_total";
+/// Time to write one checkpoint.
+pub const CHECKPOINT_SECONDS: &str = "cae_train_checkpoint_seconds";
+
+/// Every series the trainer exports (the pipeline's are in `cae_pipeline::metrics`).
+pub const ALL: &[&str] = &[
+    STEPS,
+    IMAGES,
+    LOSS,
+    LOSS_MAIN,
+    LOSS_ALIGN,
+    LR,
+    GRAD_NORM,
+    STEP_SECONDS,
+    DATA_WAIT_SECONDS,
+    IMAGES_PER_SECOND,
+    EPOCH,
+    CHECKPOINTS,
+    CHECKPOINT_SECONDS,
+];
+
+/// Registers help texts (call after the recorder is installed).
+pub fn describe() {
+    describe_counter!(STEPS, Unit::Count, "Optimizer steps completed");
+    describe_counter!(IMAGES, Unit::Count, "Images consumed by completed optimizer steps");
+    describe_gauge!(LOSS, "Total CAE loss (loss_main + loss_align) of the last step");
+    describe_gauge!(LOSS_MAIN, "Main CAE loss of the last step (token cross-entropy or pixel MSE)");
+    describe_gauge!(LOSS_ALIGN, "Alignment loss of the last step (2 x MSE to the teacher)");
+    describe_gauge!(LR, "Learning rate of the last step");
+    describe_gauge!(GRAD_NORM, "Global gradient L2 norm of the last step, before clipping");
+    describe_histogram!(STEP_SECONDS, Unit::Seconds, "Wall time per optimizer step, data wait included");
+    describe_histogram!(DATA_WAIT_SECONDS, Unit::Seconds, "Time per step the training loop waited for data");
+    describe_gauge!(IMAGES_PER_SECOND, "Training images per second over the last step");
+    describe_gauge!(EPOCH, "Current data epoch");
+    describe_counter!(CHECKPOINTS, Unit::Count, "Checkpoints written");
+    describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Time to write one checkpoint");
+    cae_pipeline::metrics::describe();
+}
+
+/// Installs the Prometheus recorder and its HTTP listener on `addr`, then registers the help
+/// texts. Fails when the address cannot be bound or a recorder is already installed.
+pub fn install(addr: SocketAddr) -> Result<(), String> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| format!("metrics endpoint on {addr}: {e}"))?;
+    describe();
+    Ok(())
+}
