@@ -57,6 +57,12 @@ pub struct Checkpoint {
     sections: Vec<(String, Vec<u8>)>,
 }
 
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint").field("path", &self.path).field("header", &self.header).finish_non_exhaustive()
+    }
+}
+
 type Rec = NamedMpkBytesRecorder<FullPrecisionSettings>;
 
 /// Encodes a burn record as a section.

@@ -33,6 +33,21 @@ pub enum Command {
     /// Pre-train (the default command). With no arguments: the micro preset on the built-in
     /// sample set, on the CPU, for a few minutes.
     Run(RunArgs),
+    /// Export the pre-trained encoder of a checkpoint as safetensors (timm or mmselfsup names).
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A checkpoint file, or a run directory (its latest checkpoint).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Key names: timm (`vit_base_patch16_224` layout) or mmselfsup (MS0 `backbone.*`).
+    #[arg(long, value_enum)]
+    pub format: crate::export::ExportFormat,
+    /// Output file (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Args, Debug, Default)]
@@ -103,7 +118,31 @@ pub fn main_from<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) 
     match cli.command {
         None => run_command(RunArgs { device: "cpu".into(), metrics_addr: "127.0.0.1:9464".into(), data_dir: "data".into(), ..RunArgs::default() }),
         Some(Command::Run(a)) => run_command(a),
+        Some(Command::Export(a)) => export_command(&a),
     }
+}
+
+fn export_command(a: &ExportArgs) -> anyhow::Result<()> {
+    let ckpt = checkpoint::locate(&a.checkpoint)?;
+    let device = Default::default();
+    let (model, config, step) = train::load_model::<burn::backend::Flex>(&ckpt, &device)?;
+    let tensors = crate::export::encoder_tensors(&model.encoder, a.format)?;
+    let params: usize = tensors.iter().map(|t| t.data.len()).sum();
+    let meta = [
+        ("format", "pt".to_string()),
+        ("source", ckpt.display().to_string()),
+        ("step", step.to_string()),
+        ("preset", format!("{:?}", config.preset).to_lowercase()),
+        ("layout", format!("{:?}", a.format).to_lowercase()),
+    ];
+    crate::export::write_safetensors(&a.out, &tensors, &meta)?;
+    println!(
+        "exported the encoder of {} (step {step}): {} tensors, {params} values -> {}",
+        ckpt.display(),
+        tensors.len(),
+        a.out.display()
+    );
+    Ok(())
 }
 
 /// `runs/<YYYYmmdd-HHMMSS>` in UTC.
@@ -272,7 +311,7 @@ fn run_command(a: RunArgs) -> anyhow::Result<()> {
 #[cfg(feature = "cuda")]
 fn run_cuda(config: &RunConfig, opts: &RunOptions, index: usize) -> anyhow::Result<RunSummary> {
     type B = burn::backend::Autodiff<burn::backend::Cuda>;
-    let device = burn::backend::cuda::CudaDevice::new(index);
+    let device = burn::backend::cuda::CudaDevice { index };
     Ok(train::run::<B>(config, opts, &device)?)
 }
 

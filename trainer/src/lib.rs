@@ -9,6 +9,7 @@
 //! - [`train`]: the training loop of `trainer run` (pipeline -> device -> step -> logs).
 //! - [`checkpoint`]: atomic checkpoint files with exact resume state.
 //! - [`metrics`]: the Prometheus series (`cae_train_*`).
+//! - [`export`]: the encoder as safetensors with timm / mmselfsup names (spec §5).
 //! - [`builtin`]: the built-in sample set of the no-argument run.
 //! - [`cli`]: the `trainer` command line; the only place that picks a backend.
 //! - [`error`]: the crate's typed error, [`CaeError`].
@@ -24,6 +25,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod metrics;
 pub mod model;
 pub mod optim;
