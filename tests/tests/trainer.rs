@@ -129,7 +129,14 @@ fn signal(child: &Child, sig: &str) {
 fn bits(log: &[StepLog]) -> Vec<(u64, u64, u64, u64, u64, u64)> {
     log.iter()
         .map(|s| {
-            (s.step, s.loss.to_bits(), s.loss_main.to_bits(), s.loss_align.to_bits(), s.lr.to_bits(), s.grad_norm.to_bits())
+            (
+                s.step,
+                s.loss.to_bits(),
+                s.loss_main.to_bits(),
+                s.loss_align.to_bits(),
+                s.lr.to_bits(),
+                s.grad_norm.to_bits(),
+            )
         })
         .collect()
 }

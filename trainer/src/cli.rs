@@ -116,7 +116,12 @@ impl DeviceKind {
 pub fn main_from<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) -> anyhow::Result<()> {
     let cli = Cli::parse_from(args);
     match cli.command {
-        None => run_command(RunArgs { device: "cpu".into(), metrics_addr: "127.0.0.1:9464".into(), data_dir: "data".into(), ..RunArgs::default() }),
+        None => run_command(RunArgs {
+            device: "cpu".into(),
+            metrics_addr: "127.0.0.1:9464".into(),
+            data_dir: "data".into(),
+            ..RunArgs::default()
+        }),
         Some(Command::Run(a)) => run_command(a),
         Some(Command::Export(a)) => export_command(&a),
     }
@@ -159,12 +164,7 @@ fn timestamp_dir() -> PathBuf {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    PathBuf::from("runs").join(format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    ))
+    PathBuf::from("runs").join(format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60))
 }
 
 fn install_signal_handlers(stop: &Arc<AtomicBool>) -> anyhow::Result<()> {

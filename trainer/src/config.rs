@@ -258,13 +258,19 @@ impl RunConfig {
         self.model.validate()?;
         let (m, d) = (&self.model, &self.data);
         if d.augment.view_size != m.img_size {
-            return fail(format!("data.augment.view_size {} must equal model.img_size {}", d.augment.view_size, m.img_size));
+            return fail(format!(
+                "data.augment.view_size {} must equal model.img_size {}",
+                d.augment.view_size, m.img_size
+            ));
         }
         if d.mask.grid != m.grid_size() {
             return fail(format!("data.mask.grid {} must equal the patch grid {}", d.mask.grid, m.grid_size()));
         }
         if d.mask.num_masked != m.num_mask {
-            return fail(format!("data.mask.num_masked {} must equal model.num_mask {}", d.mask.num_masked, m.num_mask));
+            return fail(format!(
+                "data.mask.num_masked {} must equal model.num_mask {}",
+                d.mask.num_masked, m.num_mask
+            ));
         }
         d.mask.validate().map_err(|e| CaeError::Config(e.to_string()))?;
         if m.target == TargetKind::Dalle {
@@ -372,7 +378,8 @@ fn parse_value(raw: &str) -> toml::Value {
 /// Inserts `value` at the dotted `path`, creating tables on the way.
 fn insert_path(table: &mut toml::Table, path: &str, value: toml::Value) -> Result<(), CaeError> {
     let mut parts: Vec<&str> = path.split('.').collect();
-    let last = parts.pop().filter(|p| !p.is_empty()).ok_or_else(|| CaeError::Config(format!("--set: empty key {path:?}")))?;
+    let last =
+        parts.pop().filter(|p| !p.is_empty()).ok_or_else(|| CaeError::Config(format!("--set: empty key {path:?}")))?;
     let mut t = table;
     for p in parts {
         let entry = t.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -414,8 +421,8 @@ mod tests {
     #[test]
     fn file_then_sets_override_the_preset_key_by_key() {
         let file = "preset = \"micro\"\n[data]\nbatch_size = 8\n[optimizer]\nlr = 1e-3\n";
-        let c = RunConfig::resolve(Some(file), &["data.augment.flip_prob=0.0".into(), "optimizer.lr=2e-3".into()])
-            .unwrap();
+        let c =
+            RunConfig::resolve(Some(file), &["data.augment.flip_prob=0.0".into(), "optimizer.lr=2e-3".into()]).unwrap();
         assert_eq!(c.data.batch_size, 8);
         assert_eq!(c.data.augment.flip_prob, 0.0);
         assert_eq!(c.data.augment.view_size, 64, "untouched keys keep the preset's value");
@@ -444,8 +451,11 @@ mod tests {
         let s = c.lr_schedule(Some(626)).unwrap();
         assert_eq!((s.warmup_iters, s.total_iters), (6260, 187_800));
         assert_eq!(s.lr(0), 0.0);
-        let half = RunConfig::resolve(None, &["preset=base".into(), "model.target=\"pixels\"".into(), "data.batch_size=128".into()])
-            .unwrap();
+        let half = RunConfig::resolve(
+            None,
+            &["preset=base".into(), "model.target=\"pixels\"".into(), "data.batch_size=128".into()],
+        )
+        .unwrap();
         assert!((half.peak_lr() - 1.5e-3 / 2.0).abs() < 1e-18);
         let steps = RunConfig::resolve(None, &["schedule.total_steps=100".into()]).unwrap();
         let s = steps.lr_schedule(None).unwrap();

@@ -168,8 +168,10 @@ mod tests {
                 continue;
             }
             assert_eq!(v["dtype"], "F32");
-            let shape: Vec<usize> = v["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
-            let (a, b) = (v["data_offsets"][0].as_u64().unwrap() as usize, v["data_offsets"][1].as_u64().unwrap() as usize);
+            let shape: Vec<usize> =
+                v["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+            let (a, b) =
+                (v["data_offsets"][0].as_u64().unwrap() as usize, v["data_offsets"][1].as_u64().unwrap() as usize);
             let vals = data[a..b].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
             out.insert(k.clone(), (shape, vals));
         }
@@ -188,8 +190,12 @@ mod tests {
         // Non-zero q/v biases, so the concat order is visible.
         let mut enc = model.encoder.clone();
         let d = 64;
-        enc.layers[0].attn.q_bias = burn::module::Param::from_tensor(Tensor::<Flex, 1, burn::tensor::Int>::arange(0..d as i64, &dev).float() + 1.0);
-        enc.layers[0].attn.v_bias = burn::module::Param::from_tensor(Tensor::<Flex, 1, burn::tensor::Int>::arange(0..d as i64, &dev).float() - 100.0);
+        enc.layers[0].attn.q_bias = burn::module::Param::from_tensor(
+            Tensor::<Flex, 1, burn::tensor::Int>::arange(0..d as i64, &dev).float() + 1.0,
+        );
+        enc.layers[0].attn.v_bias = burn::module::Param::from_tensor(
+            Tensor::<Flex, 1, burn::tensor::Int>::arange(0..d as i64, &dev).float() - 100.0,
+        );
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("enc.safetensors");
         let tensors = encoder_tensors(&enc, ExportFormat::Timm).unwrap();

@@ -143,7 +143,10 @@ fn upload<B: AutodiffBackend>(
     let images = (raw / 255.0 - mean) / std; // [b, 3, s, s], spec §1 step 6
     let targets = match (c.target, tokenizer) {
         (TargetKind::Dalle, Some(tok)) => {
-            let tv = Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(batch.token_views.clone(), [b, 3, t, t]), device);
+            let tv = Tensor::<B::InnerBackend, 4>::from_data(
+                TensorData::new(batch.token_views.clone(), [b, 3, t, t]),
+                device,
+            );
             let tokens = tok.tokens(map_pixels(tv / 255.0)); // [b, N]
             CaeTargets::Tokens(Tensor::from_inner(tokens))
         }
@@ -247,13 +250,14 @@ pub fn run<B: AutodiffBackend>(
     let config_path = run_dir.join(CONFIG_FILE);
     fs::write(&config_path, &config_toml).map_err(CaeError::io(&config_path))?;
 
-    let shards = cae_pipeline::source::expand(&opts.shards).map_err(|e| CaeError::Data(format!("{}: {e}", opts.shards)))?;
+    let shards =
+        cae_pipeline::source::expand(&opts.shards).map_err(|e| CaeError::Data(format!("{}: {e}", opts.shards)))?;
 
     // Model, tokenizer and optimizer; a checkpoint overwrites all of them.
     B::seed(device, config.seed);
     let mut model = Cae::<B>::new(&config.model, device)?;
-    let mut tokenizer = (config.model.target == TargetKind::Dalle)
-        .then(|| config.model.tokenizer.init::<B::InnerBackend>(device));
+    let mut tokenizer =
+        (config.model.target == TargetKind::Dalle).then(|| config.model.tokenizer.init::<B::InnerBackend>(device));
     let (mut step, loader_state) = match &opts.resume {
         Some(path) => {
             let ck = Checkpoint::read(path)?;
@@ -415,8 +419,17 @@ pub fn run<B: AutodiffBackend>(
         let stop = opts.stop.load(Ordering::SeqCst);
         let every = config.checkpoint.every;
         if stop || step == total || data_ended || (every > 0 && step.is_multiple_of(every)) {
-            let path =
-                save(run_dir, config, &config_toml, step, last_resume, Some(loss), &model, &optimizer, tokenizer.as_ref())?;
+            let path = save(
+                run_dir,
+                config,
+                &config_toml,
+                step,
+                last_resume,
+                Some(loss),
+                &model,
+                &optimizer,
+                tokenizer.as_ref(),
+            )?;
             if stop || step == total || data_ended {
                 say(&pb, format!("checkpoint {}", path.display()));
             }
@@ -469,7 +482,8 @@ mod tests {
     type AB = Autodiff<Flex>;
 
     fn shards(dir: &Path) -> PathBuf {
-        let spec = cae_tools::fixtures::FixtureSpec { classes: 2, per_class: 12, seed: 1, odd_files: false, max_side: 120 };
+        let spec =
+            cae_tools::fixtures::FixtureSpec { classes: 2, per_class: 12, seed: 1, odd_files: false, max_side: 120 };
         let fx = cae_tools::fixtures::generate(&dir.join("img"), &spec).unwrap();
         let out = dir.join("shards");
         let mut o = cae_sharder::BuildOptions::new(&fx.train_dir, &out);
@@ -525,7 +539,8 @@ mod tests {
         fs::create_dir_all(&b).unwrap();
         let ck3 = a.join(checkpoint::CHECKPOINT_DIR).join(checkpoint::file_name(3));
         assert!(ck3.is_file());
-        let head: String = fs::read_to_string(a.join(STEP_LOG)).unwrap().lines().take(3).map(|l| format!("{l}\n")).collect();
+        let head: String =
+            fs::read_to_string(a.join(STEP_LOG)).unwrap().lines().take(3).map(|l| format!("{l}\n")).collect();
         fs::write(b.join(STEP_LOG), head).unwrap();
         let ck = Checkpoint::read(&ck3).unwrap();
         assert!(ck.has("tokenizer") && ck.has("model") && ck.has("optimizer"));
@@ -534,7 +549,9 @@ mod tests {
         let sb = run::<AB>(&resumed_config, &opts(b.clone(), &data, Some(ck3)), &dev).unwrap();
         assert_eq!((sb.start_step, sb.end_step), (3, 6));
         let resumed = read_step_log(&b.join(STEP_LOG)).unwrap();
-        let key = |s: &StepLog| (s.step, s.loss.to_bits(), s.loss_main.to_bits(), s.loss_align.to_bits(), s.grad_norm.to_bits());
+        let key = |s: &StepLog| {
+            (s.step, s.loss.to_bits(), s.loss_main.to_bits(), s.loss_align.to_bits(), s.grad_norm.to_bits())
+        };
         assert_eq!(resumed.iter().map(key).collect::<Vec<_>>(), full.iter().map(key).collect::<Vec<_>>());
         let (ma, _, _) = load_model::<Flex>(&checkpoint::locate(&a).unwrap(), &dev).unwrap();
         let (mb, _, step) = load_model::<Flex>(&checkpoint::locate(&b).unwrap(), &dev).unwrap();
