@@ -35,6 +35,34 @@ pub enum Command {
     Run(RunArgs),
     /// Export the pre-trained encoder of a checkpoint as safetensors (timm or mmselfsup names).
     Export(ExportArgs),
+    /// Steps/s and images/s of a preset: synthetic batches (compute only), then the real
+    /// pipeline, with the data-wait fraction.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Run config (default: the built-in micro config).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Shards for the pipeline phase (default: the built-in sample set).
+    #[arg(long)]
+    pub shards: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Timed steps per phase.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Override a config key (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Root of the built-in data.
+    #[arg(long, default_value = "data")]
+    pub data_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -124,7 +152,76 @@ pub fn main_from<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) 
         }),
         Some(Command::Run(a)) => run_command(a),
         Some(Command::Export(a)) => export_command(&a),
+        Some(Command::Bench(a)) => bench_command(&a),
     }
+}
+
+fn bench_command(a: &BenchArgs) -> anyhow::Result<()> {
+    let text = match &a.config {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        None => MICRO_CONFIG.to_string(),
+    };
+    let config = RunConfig::resolve(Some(&text), &a.sets)?;
+    let shards = match &a.shards {
+        Some(s) => s.clone(),
+        None => {
+            builtin::ensure(&BuiltinData::under(&a.data_dir), &mut |l| println!("{l}"))?.to_string_lossy().into_owned()
+        }
+    };
+    let scratch = std::env::temp_dir().join(format!("cae-bench-{}", std::process::id()));
+    println!(
+        "bench: preset {:?}, batch {}, {} timed steps after {} warmup, device {}",
+        config.preset, config.data.batch_size, a.steps, a.warmup, a.device
+    );
+    let (syn, pipe) = match DeviceKind::parse(&a.device)? {
+        DeviceKind::Cpu => {
+            type B = burn::backend::Autodiff<burn::backend::Flex>;
+            let d = Default::default();
+            (
+                crate::bench::synthetic::<B>(&config, a.warmup, a.steps, &d)?,
+                crate::bench::pipeline::<B>(&config, &shards, a.warmup, a.steps, scratch, &d)?,
+            )
+        }
+        DeviceKind::Cuda(n) => bench_cuda(&config, &shards, a, scratch, n)?,
+    };
+    println!(
+        "synthetic (compute only): {:.3} s/step, {:.2} steps/s, {:.1} images/s",
+        syn.seconds_per_step,
+        1.0 / syn.seconds_per_step.max(1e-12),
+        syn.images_per_second
+    );
+    println!(
+        "real pipeline:            {:.3} s/step, {:.2} steps/s, {:.1} images/s, data wait {:.2}% of step time",
+        pipe.seconds_per_step,
+        1.0 / pipe.seconds_per_step.max(1e-12),
+        pipe.images_per_second,
+        100.0 * pipe.data_wait_fraction
+    );
+    println!("pipeline / synthetic throughput: {:.2}", pipe.images_per_second / syn.images_per_second.max(1e-12));
+    Ok(())
+}
+
+type BenchPair = (crate::bench::BenchResult, crate::bench::BenchResult);
+
+#[cfg(feature = "cuda")]
+fn bench_cuda(
+    config: &RunConfig,
+    shards: &str,
+    a: &BenchArgs,
+    scratch: PathBuf,
+    index: usize,
+) -> anyhow::Result<BenchPair> {
+    type B = burn::backend::Autodiff<burn::backend::Cuda>;
+    let d = burn::backend::cuda::CudaDevice { index };
+    Ok((
+        crate::bench::synthetic::<B>(config, a.warmup, a.steps, &d)?,
+        crate::bench::pipeline::<B>(config, shards, a.warmup, a.steps, scratch, &d)?,
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_cuda(_c: &RunConfig, _s: &str, _a: &BenchArgs, _p: PathBuf, _i: usize) -> anyhow::Result<BenchPair> {
+    bail!("this trainer was built without CUDA: cargo build --release -p cae-trainer --features cuda")
 }
 
 fn export_command(a: &ExportArgs) -> anyhow::Result<()> {

@@ -10,6 +10,7 @@
 //! - [`checkpoint`]: atomic checkpoint files with exact resume state.
 //! - [`metrics`]: the Prometheus series (`cae_train_*`).
 //! - [`export`]: the encoder as safetensors with timm / mmselfsup names (spec §5).
+//! - [`bench`]: `trainer bench` (synthetic compute-only steps vs the real pipeline).
 //! - [`builtin`]: the built-in sample set of the no-argument run.
 //! - [`cli`]: the `trainer` command line; the only place that picks a backend.
 //! - [`error`]: the crate's typed error, [`CaeError`].
@@ -20,6 +21,7 @@
 //!
 //! The backend type is chosen only in [`cli`] (CPU: burn-flex; GPU: the `cuda` feature).
 
+pub mod bench;
 pub mod builtin;
 pub mod checkpoint;
 pub mod cli;
