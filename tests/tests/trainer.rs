@@ -166,14 +166,13 @@ fn kill_9_then_resume_gives_the_uninterrupted_losses_bit_for_bit() {
     assert_eq!(ckpts, vec![4]);
     assert_eq!(read_step_log(&b.join(STEP_LOG)).unwrap().len(), 6);
 
-    // Resume from the run dir (its latest checkpoint).
+    // Resume from the run dir (its latest checkpoint), with no other run flags.
     let out = run_ok(&[
         "trainer".into(),
         "run".into(),
         "--resume".into(),
         b.to_string_lossy().into_owned(),
-        "--shards".into(),
-        data.to_string_lossy().into_owned(),
+        // no --shards: the checkpoint names its shard source
         "--metrics-addr".into(),
         "off".into(),
         "--no-progress".into(),

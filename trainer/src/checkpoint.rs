@@ -46,6 +46,9 @@ pub struct CheckpointHeader {
     pub config: String,
     /// Loss of the last step, for listings.
     pub loss: Option<f64>,
+    /// The shard source of the run (`--resume` reuses it when `--shards` is not given).
+    #[serde(default)]
+    pub shards: Option<String>,
     /// `(name, byte length)` of every section, in file order.
     pub sections: Vec<(String, u64)>,
 }
@@ -232,6 +235,7 @@ mod tests {
             loader: LoaderState { epoch: 1, batch: 2, consumed: 70 },
             config: "preset = \"micro\"".into(),
             loss: Some(1.5),
+            shards: Some("data/shards".into()),
             sections: Vec::new(),
         }
     }

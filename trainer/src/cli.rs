@@ -298,6 +298,7 @@ fn run_command(a: RunArgs) -> anyhow::Result<()> {
         }
     };
 
+    let mut resume_shards = None;
     let mut config = match &resume {
         Some(ckpt) => {
             if a.config.is_some() || !a.sets.is_empty() || a.epochs.is_some() {
@@ -305,6 +306,7 @@ fn run_command(a: RunArgs) -> anyhow::Result<()> {
             }
             let ck = checkpoint::Checkpoint::read(ckpt)?;
             println!("resuming from {} (step {})", ckpt.display(), ck.header.step);
+            resume_shards = ck.header.shards.clone();
             RunConfig::from_resolved_toml(&ck.header.config)?
         }
         None => {
@@ -345,7 +347,10 @@ fn run_command(a: RunArgs) -> anyhow::Result<()> {
 
     let shards = match &a.shards {
         Some(s) => s.clone(),
-        None if resume.is_some() => bail!("--resume needs --shards (the same data as the original run)"),
+        None if resume.is_some() => match resume_shards {
+            Some(s) => s,
+            None => bail!("--resume: the checkpoint does not name its shards; pass --shards"),
+        },
         None => {
             let dir = builtin::ensure(&BuiltinData::under(&a.data_dir), &mut |l| println!("{l}"))?;
             dir.to_string_lossy().into_owned()

@@ -211,6 +211,7 @@ fn save<B: AutodiffBackend>(
     run_dir: &Path,
     config: &RunConfig,
     config_toml: &str,
+    shards: &str,
     step: u64,
     loader: LoaderState,
     loss: Option<f64>,
@@ -226,7 +227,14 @@ fn save<B: AutodiffBackend>(
     if let Some(tok) = tokenizer {
         sections.push(("tokenizer", encode_record::<B::InnerBackend, _>(tok.clone().into_record())?));
     }
-    let header = CheckpointHeader { step, loader, config: config_toml.to_string(), loss, sections: Vec::new() };
+    let header = CheckpointHeader {
+        step,
+        loader,
+        config: config_toml.to_string(),
+        loss,
+        shards: Some(shards.to_string()),
+        sections: Vec::new(),
+    };
     let path = checkpoint::write(run_dir, &header, &sections, config.checkpoint.keep_last)?;
     ::metrics::counter!(m::CHECKPOINTS).increment(1);
     ::metrics::histogram!(m::CHECKPOINT_SECONDS).record(t.elapsed().as_secs_f64());
@@ -423,6 +431,7 @@ pub fn run<B: AutodiffBackend>(
                 run_dir,
                 config,
                 &config_toml,
+                &opts.shards,
                 step,
                 last_resume,
                 Some(loss),
