@@ -71,7 +71,7 @@ pub fn synthetic<B: AutodiffBackend>(
         let loss: f64 =
             out.loss.into_data().convert::<f64>().to_vec::<f64>().map_err(|e| CaeError::Data(format!("{e:?}")))?[0];
         if !loss.is_finite() {
-            return Err(CaeError::NonFinite { step: s as u64 + 1, loss });
+            return Err(CaeError::NonFinite { what: "loss", step: s as u64 + 1, value: loss });
         }
         if s >= warmup {
             timed += t.elapsed().as_secs_f64();

@@ -28,9 +28,10 @@ pub enum CaeError {
     /// The data pipeline failed (shard list, loader thread, too many bad samples).
     #[error("data: {0}")]
     Data(String),
-    /// The loss became NaN or infinite; the run stops and the last good checkpoint is kept.
-    #[error("non-finite loss {loss} at step {step} (last good checkpoint kept)")]
-    NonFinite { step: u64, loss: f64 },
+    /// The loss, the gradient norm or the weights became NaN or infinite; the run stops at that
+    /// step and the last good checkpoint is kept (no checkpoint is written with such weights).
+    #[error("non-finite {what} ({value}) at step {step}; the last good checkpoint is kept")]
+    NonFinite { what: &'static str, step: u64, value: f64 },
 }
 
 impl CaeError {

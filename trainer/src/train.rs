@@ -22,10 +22,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use cae_pipeline::batch::{IMAGENET_MEAN, IMAGENET_STD};
 use cae_pipeline::{Batch, Loader, LoaderState};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -241,6 +241,23 @@ fn save<B: AutodiffBackend>(
     Ok(path)
 }
 
+/// Whether every float parameter of `module` is finite (checked before a checkpoint is written).
+pub fn all_finite<B: Backend, M: Module<B>>(module: &M) -> bool {
+    struct V(bool);
+    impl<B: Backend> ModuleVisitor<B> for V {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            if self.0 {
+                let v = p.val();
+                let bad = (v.clone().is_nan().int().sum() + v.is_inf().int().sum()).into_scalar().elem::<i64>();
+                self.0 = bad == 0;
+            }
+        }
+    }
+    let mut v = V(true);
+    module.visit(&mut v);
+    v.0
+}
+
 fn say(pb: &ProgressBar, line: String) {
     if pb.is_hidden() { println!("{line}") } else { pb.println(line) }
 }
@@ -354,7 +371,7 @@ pub fn run<B: AutodiffBackend>(
             let values = floats(Tensor::cat(vec![out.loss.inner(), out.loss_main.inner(), out.loss_align.inner()], 0))?;
             if !values[0].is_finite() {
                 pb.abandon();
-                return Err(CaeError::NonFinite { step: step + 1, loss: values[0] });
+                return Err(CaeError::NonFinite { what: "loss", step: step + 1, value: values[0] });
             }
             loss += values[0] / accum as f64;
             loss_main += values[1] / accum as f64;
@@ -379,6 +396,10 @@ pub fn run<B: AutodiffBackend>(
         model = updated;
         let grad_norm = floats(norm)?.first().copied().unwrap_or(0.0);
         step += 1;
+        if !grad_norm.is_finite() {
+            pb.abandon();
+            return Err(CaeError::NonFinite { what: "gradient norm", step, value: grad_norm });
+        }
 
         let step_seconds = step_start.elapsed().as_secs_f64();
         let entry = StepLog {
@@ -427,6 +448,10 @@ pub fn run<B: AutodiffBackend>(
         let stop = opts.stop.load(Ordering::SeqCst);
         let every = config.checkpoint.every;
         if stop || step == total || data_ended || (every > 0 && step.is_multiple_of(every)) {
+            if !all_finite(&model) {
+                pb.abandon();
+                return Err(CaeError::NonFinite { what: "weights", step, value: f64::NAN });
+            }
             let path = save(
                 run_dir,
                 config,
@@ -585,5 +610,43 @@ mod tests {
         let ck = Checkpoint::read(s.last_checkpoint.as_ref().unwrap()).unwrap();
         assert_eq!(ck.header.step, 1);
         assert_eq!(ck.header.loader, LoaderState { epoch: 0, batch: 1, consumed: 4 });
+    }
+
+    #[test]
+    fn non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = shards(tmp.path());
+        // An absurd learning rate blows the weights up within a few steps.
+        let config = RunConfig::resolve(
+            None,
+            &[
+                "model.target=\"pixels\"",
+                "data.batch_size=4",
+                "data.workers=1",
+                "optimizer.lr=1e30",
+                "optimizer.lr_batch=4",
+                "optimizer.clip_grad_norm=0.0",
+                "schedule.total_steps=20",
+                "schedule.warmup_steps=1",
+                "checkpoint.every=1",
+                "checkpoint.keep_last=2",
+            ]
+            .map(String::from),
+        )
+        .unwrap();
+        let run_dir = tmp.path().join("run");
+        let err = run::<AB>(&config, &opts(run_dir.clone(), &data, None), &Default::default()).unwrap_err();
+        let CaeError::NonFinite { step, value, what } = err else { panic!("expected NonFinite, got {err}") };
+        assert!(!value.is_finite(), "{what}");
+        assert!((2..=20).contains(&step), "step {step}");
+        // The newest checkpoint is the step before, and it holds finite weights.
+        let latest = checkpoint::locate(&run_dir).unwrap();
+        let ck = Checkpoint::read(&latest).unwrap();
+        assert_eq!(ck.header.step, step - 1);
+        assert!(ck.header.loss.is_some_and(f64::is_finite));
+        let (model, _, _) = load_model::<Flex>(&latest, &Default::default()).unwrap();
+        assert!(all_finite(&model), "a checkpoint never holds non-finite weights");
+        let log = read_step_log(&run_dir.join(STEP_LOG)).unwrap();
+        assert!(log.len() as u64 >= step - 1, "every completed step is logged");
     }
 }
