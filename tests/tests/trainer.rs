@@ -306,4 +306,26 @@ fn micro_loss_falls_on_builtin_data() {
     assert!(late_main < 0.97 * early_main, "pixel loss did not fall: {early_main} -> {late_main}");
     assert!(log.iter().all(|s| s.loss.is_finite() && s.step_seconds > 0.0 && s.data_wait_seconds >= 0.0));
     assert!(log.iter().all(|s| s.data_wait_seconds <= s.step_seconds));
+    // The JSONL keys are exactly the documented ones (checked on the raw text, not via StepLog).
+    let first = std::fs::read_to_string(run.join(STEP_LOG)).unwrap();
+    let line: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    let mut keys: Vec<&str> = line.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    let mut want = vec![
+        "step",
+        "loss",
+        "loss_main",
+        "loss_align",
+        "lr",
+        "grad_norm",
+        "step_seconds",
+        "data_wait_seconds",
+        "images_per_second",
+    ];
+    want.sort_unstable();
+    assert_eq!(keys, want);
+    // The resolved config is saved in the run dir and parses as a complete config.
+    let saved = std::fs::read_to_string(run.join(cae_trainer::train::CONFIG_FILE)).unwrap();
+    let c = cae_trainer::config::RunConfig::from_resolved_toml(&saved).unwrap();
+    assert_eq!((c.data.batch_size, c.schedule.total_steps), (8, Some(steps)));
 }
