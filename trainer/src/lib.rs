@@ -16,5 +16,6 @@
 pub mod error;
 pub mod model;
 pub mod optim;
+pub mod tokens;
 
 pub use error::CaeError;
