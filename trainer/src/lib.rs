@@ -14,6 +14,7 @@
 //! The backend type is chosen only in binaries and tests (CPU: burn-flex; GPU: the `cuda` feature).
 
 pub mod error;
+pub mod gpu_check;
 pub mod model;
 pub mod optim;
 pub mod tokens;
