@@ -161,21 +161,21 @@ pub fn hwc_to_chw(src: &[u8], side: usize, flip: bool, dst: &mut [u8]) {
     let plane = side * side;
     let (r, rest) = dst[..3 * plane].split_at_mut(plane);
     let (g, b) = rest.split_at_mut(plane);
-    for y in 0..side {
-        let row = &src[y * side * 3..(y + 1) * side * 3];
-        let o = y * side;
+    // Row-wise zipped iterators: no per-pixel bounds checks.
+    let planes = r.chunks_exact_mut(side).zip(g.chunks_exact_mut(side)).zip(b.chunks_exact_mut(side));
+    for (row, ((r, g), b)) in src[..3 * plane].chunks_exact(3 * side).zip(planes) {
+        let px = row.chunks_exact(3);
         if flip {
-            for (x, px) in row.chunks_exact(3).enumerate() {
-                let d = o + side - 1 - x;
-                r[d] = px[0];
-                g[d] = px[1];
-                b[d] = px[2];
+            for (p, ((r, g), b)) in px.zip(r.iter_mut().rev().zip(g.iter_mut().rev()).zip(b.iter_mut().rev())) {
+                *r = p[0];
+                *g = p[1];
+                *b = p[2];
             }
         } else {
-            for (x, px) in row.chunks_exact(3).enumerate() {
-                r[o + x] = px[0];
-                g[o + x] = px[1];
-                b[o + x] = px[2];
+            for (p, ((r, g), b)) in px.zip(r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut())) {
+                *r = p[0];
+                *g = p[1];
+                *b = p[2];
             }
         }
     }

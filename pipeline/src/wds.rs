@@ -278,11 +278,18 @@ impl ShardWriter {
 
     /// Writes the end-of-archive marker, flushes and fsyncs.
     pub fn finish(self) -> Result<ShardDigest, WdsError> {
+        let (digest, file) = self.finish_unsynced()?;
+        file.sync_all()?;
+        Ok(digest)
+    }
+
+    /// Writes the end-of-archive marker and flushes, but leaves the fsync to the caller (who can
+    /// overlap it with other work): returns the digest and the file to sync.
+    pub fn finish_unsynced(self) -> Result<(ShardDigest, File), WdsError> {
         let Self { tar, file, state, samples } = self;
         tar.close().map_err(|e| WdsError::Write(e.to_string()))?;
-        file.sync_all()?;
         let st = state.lock().map_err(|_| WdsError::Write("hash state poisoned".into()))?;
-        Ok(ShardDigest { samples, bytes: st.bytes, sha256: hex::encode(st.hasher.clone().finalize()) })
+        Ok((ShardDigest { samples, bytes: st.bytes, sha256: hex::encode(st.hasher.clone().finalize()) }, file))
     }
 }
 

@@ -173,6 +173,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
         crash_after: std::env::var(CRASH_ENV).ok().and_then(|v| v.parse().ok()),
         hang_after: std::env::var(HANG_ENV).ok().and_then(|v| v.parse().ok()),
         completed_here: 0,
+        finisher: Finisher::start(journal_path.clone())?,
     };
 
     let pb = progress_bar(opts.progress, n - next_input);
@@ -484,6 +485,83 @@ struct OrderedWriter<'a> {
     crash_after: Option<u64>,
     hang_after: Option<u64>,
     completed_here: u64,
+    finisher: Finisher,
+}
+
+/// A shard whose bytes are written and flushed, waiting for fsync, rename and its journal line.
+struct FinishJob {
+    file: fs::File,
+    tmp: PathBuf,
+    final_path: PathBuf,
+    journal_line: String,
+}
+
+/// Completes shards in the background and in order: fsync, rename, directory sync, journal line.
+/// The writer goes on with the next shard meanwhile, so the disk's flush latency overlaps with
+/// reading and validating instead of stalling the run.
+struct Finisher {
+    tx: Option<crossbeam_channel::Sender<FinishJob>>,
+    handle: Option<std::thread::JoinHandle<Result<(), ShardError>>>,
+    submitted: u64,
+    completed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Finisher {
+    fn start(journal_path: PathBuf) -> Result<Self, ShardError> {
+        let (tx, rx) = crossbeam_channel::unbounded::<FinishJob>();
+        let completed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let done = completed.clone();
+        let handle = std::thread::Builder::new()
+            .name("sharder-finisher".into())
+            .spawn(move || -> Result<(), ShardError> {
+                for job in rx {
+                    job.file.sync_all().map_err(|e| ShardError::write(&job.tmp, e))?;
+                    drop(job.file);
+                    fs::rename(&job.tmp, &job.final_path).map_err(|e| ShardError::write(&job.final_path, e))?;
+                    sync_dir(&job.final_path);
+                    // The journal line comes after the rename: a journaled shard is always whole.
+                    let mut f = fs::OpenOptions::new()
+                        .append(true)
+                        .open(&journal_path)
+                        .map_err(|e| ShardError::write(&journal_path, e))?;
+                    f.write_all(job.journal_line.as_bytes()).map_err(|e| ShardError::write(&journal_path, e))?;
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                Ok(())
+            })
+            .map_err(|e| ShardError::Internal(format!("cannot start the finisher thread: {e}")))?;
+        Ok(Self { tx: Some(tx), handle: Some(handle), submitted: 0, completed })
+    }
+
+    fn submit(&mut self, job: FinishJob) -> Result<(), ShardError> {
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+        if !sent {
+            return self.close(); // the finisher stopped on an error: report it
+        }
+        self.submitted += 1;
+        Ok(())
+    }
+
+    /// Waits until every submitted shard is complete.
+    fn wait_idle(&mut self) -> Result<(), ShardError> {
+        while self.completed.load(std::sync::atomic::Ordering::SeqCst) < self.submitted {
+            if self.handle.as_ref().is_some_and(|h| h.is_finished()) {
+                return self.close();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Finishes the queue and reports the first error.
+    fn close(&mut self) -> Result<(), ShardError> {
+        self.tx.take();
+        match self.handle.take().map(|h| h.join()) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(ShardError::Internal("the finisher thread panicked".into())),
+        }
+    }
 }
 
 fn tar_size(payload: usize) -> u64 {
@@ -529,12 +607,18 @@ impl OrderedWriter<'_> {
         if p.meta.action != crate::process::Action::Kept {
             self.pending_converted += 1;
         }
-        if self.crash_after.is_some_and(|n| self.completed_here >= n) {
+        let crash = self.crash_after.is_some_and(|n| self.completed_here >= n);
+        let hang = self.hang_after.is_some_and(|n| self.completed_here >= n);
+        if crash || hang {
+            // Let the completed shards land first, so the test sees a known state.
+            self.finisher.wait_idle()?;
+        }
+        if crash {
             // Crash test: die in the middle of a shard, as kill -9 would.
             tracing::error!("{CRASH_ENV} reached: aborting");
             std::process::abort();
         }
-        if self.hang_after.is_some_and(|n| self.completed_here >= n) {
+        if hang {
             eprintln!("sharder: paused");
             loop {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
@@ -547,24 +631,17 @@ impl OrderedWriter<'_> {
     /// number of shuffled inputs fully accounted for by the shards up to this one.
     fn close_shard(&mut self, next_input: u64) -> Result<(), ShardError> {
         let Some(cur) = self.current.take() else { return Ok(()) };
-        let digest = cur.writer.finish().map_err(|source| ShardError::Shard { path: cur.tmp.clone(), source })?;
-        let final_path = self.opts.output.join(&cur.name);
-        fs::rename(&cur.tmp, &final_path).map_err(|e| ShardError::write(&final_path, e))?;
-        sync_dir(&final_path);
+        let (digest, file) =
+            cur.writer.finish_unsynced().map_err(|source| ShardError::Shard { path: cur.tmp.clone(), source })?;
         let entry = ShardEntry { name: cur.name, digest };
         let rejected = std::mem::take(&mut self.pending_rejected);
         let converted = std::mem::take(&mut self.pending_converted);
         let line = JournalLine::Shard { shard: entry.clone(), next_input, converted, rejected: rejected.clone() };
-        let mut f = fs::OpenOptions::new()
-            .append(true)
-            .open(&self.journal_path)
-            .map_err(|e| ShardError::write(&self.journal_path, e))?;
-        let mut text = serde_json::to_string(&line).unwrap_or_default();
-        text.push('\n');
-        f.write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| ShardError::write(&self.journal_path, e))?;
-        tracing::debug!("completed {}", entry.name);
+        let mut journal_line = serde_json::to_string(&line).unwrap_or_default();
+        journal_line.push('\n');
+        let final_path = self.opts.output.join(&entry.name);
+        self.finisher.submit(FinishJob { file, tmp: cur.tmp, final_path, journal_line })?;
+        tracing::debug!("handed {} to the finisher", entry.name);
         self.done.push((entry, next_input, converted, rejected));
         self.shard_index += 1;
         self.completed_here += 1;
@@ -572,7 +649,8 @@ impl OrderedWriter<'_> {
     }
 
     /// Writes classes.txt, rejected.tsv and finally manifest.json; removes the journal.
-    fn finish(self, listing: &InputListing, input_files: u64) -> Result<Manifest, ShardError> {
+    fn finish(mut self, listing: &InputListing, input_files: u64) -> Result<Manifest, ShardError> {
+        self.finisher.close()?;
         let out = &self.opts.output;
         let mut rejected: Vec<(String, String)> = Vec::new();
         let mut converted = 0;

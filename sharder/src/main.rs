@@ -36,6 +36,10 @@ enum Command {
         /// Scratch folder for the shards (default: a temporary folder).
         #[arg(long)]
         scratch: Option<PathBuf>,
+        /// Drop the page cache before each measurement (needs root): compares against reading
+        /// from the storage itself, where sharding should be I/O-bound.
+        #[arg(long)]
+        cold: bool,
     },
 }
 
@@ -163,13 +167,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("OK");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { input, scratch } => bench(input, scratch),
+        Command::Bench { input, scratch, cold } => bench(input, scratch, cold),
     }
 }
 
 /// Plain reading of every input file vs `build --validate header` (all workers) vs
 /// `build --validate decode` with 1 and 2 workers, on the same files, in one run.
-fn bench(input: PathBuf, scratch: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+/// Flushes dirty pages and empties the page cache (Linux, root).
+fn drop_caches() -> anyhow::Result<()> {
+    let ok = std::process::Command::new("sync").status().map(|s| s.success()).unwrap_or(false);
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n")
+        .context("--cold needs root (writing /proc/sys/vm/drop_caches)")?;
+    if !ok {
+        anyhow::bail!("sync failed");
+    }
+    Ok(())
+}
+
+fn bench(input: PathBuf, scratch: Option<PathBuf>, cold: bool) -> anyhow::Result<ExitCode> {
     let tmp = tempfile::tempdir()?;
     let scratch = scratch.unwrap_or_else(|| tmp.path().to_path_buf());
     let listing = cae_sharder::input::walk_class_folders(&input)?;
@@ -181,9 +196,12 @@ fn bench(input: PathBuf, scratch: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         }
         Ok((t.elapsed().as_secs_f64(), bytes))
     };
-    read_all()?; // warm the page cache so every measurement sees the same storage state
+    // Every measurement starts from the same storage state: warm (page cache filled) or cold.
+    let prepare = || -> anyhow::Result<()> { if cold { drop_caches() } else { read_all().map(|_| ()) } };
+    prepare()?;
     let (read_s, bytes) = read_all()?;
     let run = |validate: Validate, workers: usize, name: &str| -> anyhow::Result<f64> {
+        prepare()?;
         let mut o = BuildOptions::new(&input, scratch.join(name));
         o.validate = validate;
         o.workers = workers;
@@ -196,7 +214,12 @@ fn bench(input: PathBuf, scratch: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let dec1 = run(Validate::Decode, 1, "decode1")?;
     let dec2 = run(Validate::Decode, 2, "decode2")?;
     let n = listing.files.len() as f64;
-    println!("files: {}  bytes: {:.1} MB", listing.files.len(), bytes as f64 / 1e6);
+    println!(
+        "files: {}  bytes: {:.1} MB  page cache: {}",
+        listing.files.len(),
+        bytes as f64 / 1e6,
+        if cold { "dropped before each run (cold)" } else { "warm" }
+    );
     println!("read only        : {:>8.0} images/s {:>8.1} MB/s", n / read_s, bytes as f64 / 1e6 / read_s);
     println!("build header     : {:>8.0} images/s  ratio to read-only {:.2}", n / header_s, read_s / header_s);
     println!("build decode w=1 : {:>8.0} images/s", n / dec1);

@@ -19,6 +19,9 @@ pub enum CaeError {
     /// The targets handed to `Cae::forward` do not match the configured target kind.
     #[error("target kind mismatch: config wants {expected}, got {got}")]
     TargetKind { expected: &'static str, got: &'static str },
+    /// A weights file is missing, unreadable, or does not fit the model.
+    #[error("weights {path}: {reason}")]
+    Weights { path: String, reason: String },
     /// A file or directory of the run (config, checkpoint, log) cannot be read or written.
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },

@@ -28,9 +28,11 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod gpu_check;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod tokens;
 pub mod train;
 
 pub use error::CaeError;

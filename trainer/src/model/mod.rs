@@ -11,6 +11,7 @@ pub mod block;
 pub mod cae;
 pub mod config;
 pub mod dalle;
+pub mod dalle_weights;
 pub mod decoder;
 pub mod encoder;
 pub mod init;
