@@ -331,12 +331,20 @@ fn run_command(a: RunArgs) -> anyhow::Result<()> {
         config.checkpoint.every = n;
     }
     config.validate()?;
-    if config.model.target == crate::model::TargetKind::Pixels && a.config.is_none() && resume.is_none() {
+    if config.model.target == crate::model::TargetKind::Pixels
+        && a.config.is_none()
+        && resume.is_none()
+        && !a.sets.iter().any(|s| s.starts_with("model.target"))
+    {
         if Path::new(DALLE_CHECKPOINT).is_file() {
-            println!(
-                "found {DALLE_CHECKPOINT}, but loading DALL-E weights is not implemented yet: training with the \
-                 `pixels` target (per-patch normalised pixels, MSE)"
-            );
+            // The real tokenizer: DALL-E tokens (vocab 8192) of the 32 px view, one per patch.
+            config.model.target = crate::model::TargetKind::Dalle;
+            config.model.tokenizer = crate::model::DalleConfig::openai();
+            config.model.vocab_size = config.model.tokenizer.vocab_size;
+            config.tokenizer.weights = Some(PathBuf::from(DALLE_CHECKPOINT));
+            config.tokenizer.random_init = false;
+            config.validate()?;
+            println!("found {DALLE_CHECKPOINT}: training with the `dalle` target (DALL-E token cross-entropy)");
         } else {
             println!(
                 "{DALLE_CHECKPOINT} not found: training with the `pixels` target (per-patch normalised pixels, MSE) \

@@ -67,8 +67,8 @@ impl Preset {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizerSection {
-    /// `cae_ckpt/dalle_encoder.pth` or a safetensors conversion of it. Loading DALL-E weights
-    /// is not implemented yet: a run with weights set is refused at start-up.
+    /// `cae_ckpt/dalle_encoder.pth` (torch.save) or a safetensors conversion of it; loaded at
+    /// start-up (and again on resume: checkpoints do not copy these frozen weights).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<PathBuf>,
     /// Use DALL-E's random init (frozen, seeded by `seed`) instead of real weights: only
@@ -281,17 +281,10 @@ impl RunConfig {
                     m.target_view_size()
                 ));
             }
-            if let Some(w) = &self.tokenizer.weights {
-                return fail(format!(
-                    "tokenizer.weights = {:?}: loading DALL-E weights is not implemented yet; use \
-                     model.target = \"pixels\" (or tokenizer.random_init = true for tests)",
-                    w.display()
-                ));
-            }
-            if !self.tokenizer.random_init {
+            if self.tokenizer.weights.is_none() && !self.tokenizer.random_init {
                 return fail(
-                    "model.target = \"dalle\" needs tokenizer weights (not implemented yet) or \
-                     tokenizer.random_init = true; use model.target = \"pixels\""
+                    "model.target = \"dalle\" needs tokenizer.weights (cae_ckpt/dalle_encoder.pth) or \
+                     tokenizer.random_init = true (tests); or use model.target = \"pixels\""
                         .into(),
                 );
             }
@@ -471,10 +464,9 @@ mod tests {
     #[test]
     fn shipped_configs_resolve_to_the_spec_recipe() {
         let base = include_str!("../../configs/cae_base_300e.toml");
-        // DALL-E weights cannot be loaded yet: the shipped recipe is refused with that reason...
-        let e = RunConfig::resolve(Some(base), &[]).unwrap_err();
-        assert!(e.to_string().contains("not implemented"), "{e}");
-        // ...and is otherwise the spec §4 recipe.
+        let dalle = RunConfig::resolve(Some(base), &[]).unwrap();
+        assert_eq!(dalle.model.target, TargetKind::Dalle);
+        assert_eq!(dalle.tokenizer.weights.as_deref(), Some(std::path::Path::new("cae_ckpt/dalle_encoder.pth")));
         let c = RunConfig::resolve(Some(base), &["model.target=\"pixels\"".into()]).unwrap();
         assert_eq!(c.preset, Preset::Base);
         assert_eq!(c.model, CaeConfig { target: TargetKind::Pixels, ..CaeConfig::base() });

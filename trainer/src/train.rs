@@ -35,6 +35,7 @@ use crate::CaeError;
 use crate::checkpoint::{self, Checkpoint, CheckpointHeader, encode_record};
 use crate::config::RunConfig;
 use crate::metrics as m;
+use crate::model::dalle_weights::load_dalle;
 use crate::model::{Cae, CaeTargets, DalleEncoder, TargetKind, map_pixels, pixel_targets};
 use crate::optim::CaeOptimizer;
 
@@ -224,7 +225,7 @@ fn save<B: AutodiffBackend>(
         ("model", encode_record::<B, _>(model.clone().into_record())?),
         ("optimizer", encode_record::<B, _>(optimizer.to_record())?),
     ];
-    if let Some(tok) = tokenizer {
+    if let Some(tok) = tokenizer.filter(|_| config.tokenizer.weights.is_none()) {
         sections.push(("tokenizer", encode_record::<B::InnerBackend, _>(tok.clone().into_record())?));
     }
     let header = CheckpointHeader {
@@ -283,11 +284,20 @@ pub fn run<B: AutodiffBackend>(
     let mut model = Cae::<B>::new(&config.model, device)?;
     let mut tokenizer =
         (config.model.target == TargetKind::Dalle).then(|| config.model.tokenizer.init::<B::InnerBackend>(device));
+    // Real DALL-E weights come from their file (also on resume); a random tokenizer from the
+    // checkpoint.
+    if let Some(path) = &config.tokenizer.weights
+        && let Some(tok) = tokenizer.take()
+    {
+        tokenizer = Some(load_dalle(tok, path)?);
+    }
     let (mut step, loader_state) = match &opts.resume {
         Some(path) => {
             let ck = Checkpoint::read(path)?;
             model = model.load_record(ck.record::<B, _>("model", device)?);
-            if let Some(tok) = tokenizer.take() {
+            if config.tokenizer.weights.is_none()
+                && let Some(tok) = tokenizer.take()
+            {
                 tokenizer = Some(tok.load_record(ck.record::<B::InnerBackend, _>("tokenizer", device)?));
             }
             (ck.header.step, ck.header.loader)
@@ -648,5 +658,37 @@ mod tests {
         assert!(all_finite(&model), "a checkpoint never holds non-finite weights");
         let log = read_step_log(&run_dir.join(STEP_LOG)).unwrap();
         assert!(log.len() as u64 >= step - 1, "every completed step is logged");
+    }
+
+    /// The dalle target with tokenizer weights from a file (the golden micro DALL-E `.pth`):
+    /// the run loads them, trains, and does not copy them into its checkpoints.
+    #[test]
+    fn dalle_weights_file_feeds_the_tokenizer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = shards(tmp.path());
+        let pth = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/dalle_micro.pth");
+        let sets = vec![
+            "model.target=\"dalle\"".to_string(),
+            "tokenizer.random_init=false".into(),
+            format!("tokenizer.weights={:?}", pth.to_string_lossy()),
+            "data.batch_size=4".into(),
+            "data.workers=1".into(),
+            "schedule.total_steps=3".into(),
+        ];
+        let config = RunConfig::resolve(None, &sets).unwrap();
+        let run_dir = tmp.path().join("run");
+        let s = run::<AB>(&config, &opts(run_dir.clone(), &data, None), &Default::default()).unwrap();
+        assert_eq!(s.end_step, 3);
+        let log = read_step_log(&run_dir.join(STEP_LOG)).unwrap();
+        assert!((log[0].loss_main - (512f64).ln()).abs() < 0.5, "initial CE {}", log[0].loss_main);
+        let ck = Checkpoint::read(&checkpoint::locate(&run_dir).unwrap()).unwrap();
+        assert!(ck.has("model") && !ck.has("tokenizer"));
+        let missing = RunConfig::resolve(
+            None,
+            &[sets[0].clone(), sets[1].clone(), "tokenizer.weights=\"/nonexistent.pth\"".into()],
+        )
+        .unwrap();
+        let e = run::<AB>(&missing, &opts(tmp.path().join("r2"), &data, None), &Default::default()).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent.pth"), "{e}");
     }
 }
