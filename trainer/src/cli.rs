@@ -38,6 +38,47 @@ pub enum Command {
     /// Steps/s and images/s of a preset: synthetic batches (compute only), then the real
     /// pipeline, with the data-wait fraction.
     Bench(BenchArgs),
+    /// Print, as JSON, each image's DALL-E token ids from its centre view (spec §3).
+    Tokens(TokensArgs),
+    /// Same weights and batch on the CPU and on a device: the losses must agree; then time
+    /// forward + backward on the device (see tools/gpu-check.sh).
+    GpuCheck(GpuCheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TokensArgs {
+    /// DALL-E encoder weights (.pth state_dict or .safetensors).
+    #[arg(long, default_value = DALLE_CHECKPOINT)]
+    pub tokenizer: PathBuf,
+    /// Tokenizer size: `openai` (n_hid 256, vocab 8192) or `micro` (n_hid 64, vocab 512).
+    #[arg(long, default_value = "openai")]
+    pub tokenizer_size: String,
+    /// Side of the view the tokens are computed from (112 for ViT-B/16 at 224 px).
+    #[arg(long, default_value_t = 112)]
+    pub size: usize,
+    /// Image files.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct GpuCheckArgs {
+    /// Model preset: base, small, tiny or micro.
+    #[arg(long, default_value = "base")]
+    pub preset: String,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// f32 or f16 on the device (the CPU reference is always f32).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+    /// Timed forward + backward steps on the device.
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// cpu (checks the CPU against itself) or cuda[:N].
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Args, Debug)]
@@ -153,7 +194,108 @@ pub fn main_from<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) 
         Some(Command::Run(a)) => run_command(a),
         Some(Command::Export(a)) => export_command(&a),
         Some(Command::Bench(a)) => bench_command(&a),
+        Some(Command::Tokens(a)) => tokens_command(&a),
+        Some(Command::GpuCheck(a)) => gpu_check_command(&a),
     }
+}
+
+fn tokens_command(a: &TokensArgs) -> anyhow::Result<()> {
+    type B = burn::backend::Flex;
+    let device = Default::default();
+    let size_cfg = match a.tokenizer_size.as_str() {
+        "openai" => crate::model::DalleConfig::openai(),
+        "micro" => crate::model::DalleConfig::micro(),
+        other => bail!("--tokenizer-size {other:?}: expected openai or micro"),
+    };
+    if a.size == 0 || a.size % 8 != 0 {
+        bail!("--size {} must be a positive multiple of 8", a.size);
+    }
+    let enc = crate::model::dalle_weights::load_dalle(size_cfg.init::<B>(&device), &a.tokenizer)?;
+    let grid = a.size / 8;
+    let mut out = Vec::new();
+    for path in &a.images {
+        let img = crate::tokens::read_image(path)?;
+        let ids = crate::tokens::image_tokens(&enc, &img, a.size, &device)?;
+        let rows: Vec<Vec<i64>> = ids.chunks(grid).map(|r| r.to_vec()).collect();
+        out.push(serde_json::json!({ "path": path.display().to_string(), "width": img.width, "height": img.height, "tokens": rows }));
+    }
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
+
+fn gpu_check_command(a: &GpuCheckArgs) -> anyhow::Result<()> {
+    use crate::gpu_check::{HostBatch, check_config, loss_of, reference_weights};
+    let cfg = check_config(&a.preset)?;
+    let cpu = Default::default();
+    let weights = reference_weights::<burn::backend::Flex>(&cfg, a.seed, &cpu)?;
+    let batch = HostBatch::new(&cfg, a.batch, a.seed);
+    let t = std::time::Instant::now();
+    let cpu_loss = loss_of::<burn::backend::Flex>(&cfg, &weights, &batch, &cpu)?;
+    let cpu_seconds = t.elapsed().as_secs_f64();
+    let (device_loss, timing) = match (DeviceKind::parse(&a.device)?, a.precision.as_str()) {
+        (DeviceKind::Cpu, "f32") => {
+            type B = burn::backend::Flex;
+            let l = loss_of::<B>(&cfg, &weights, &batch, &cpu)?;
+            (l, crate::gpu_check::time_steps::<burn::backend::Autodiff<B>>(&cfg, &weights, &batch, a.steps, &cpu)?)
+        }
+        (DeviceKind::Cpu, p) => bail!("--precision {p} is only checked on cuda"),
+        (DeviceKind::Cuda(n), p) => gpu_check_cuda(&cfg, &weights, &batch, a.steps, n, p)?,
+    };
+    let rel = ((device_loss - cpu_loss) / cpu_loss).abs();
+    let tolerance = if a.precision == "f32" { 1e-3 } else { 2e-2 };
+    let j = serde_json::json!({
+        "preset": a.preset, "batch": a.batch, "precision": a.precision, "device": a.device,
+        "cpu_loss": cpu_loss, "cpu_forward_seconds": cpu_seconds, "device_loss": device_loss,
+        "relative_difference": rel, "tolerance": tolerance, "agree": rel <= tolerance,
+        "steps": timing.steps, "seconds": timing.seconds, "images_per_second": timing.images_per_second,
+    });
+    println!("{j}");
+    if rel > tolerance {
+        bail!("device loss {device_loss} differs from the CPU reference {cpu_loss} by {rel:.2e} (> {tolerance})");
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_check_cuda(
+    cfg: &crate::model::CaeConfig,
+    weights: &[u8],
+    batch: &crate::gpu_check::HostBatch,
+    steps: usize,
+    index: usize,
+    precision: &str,
+) -> anyhow::Result<(f64, crate::gpu_check::StepTiming)> {
+    use crate::gpu_check::{loss_of, time_steps};
+    let d = burn::backend::cuda::CudaDevice { index };
+    Ok(match precision {
+        "f32" => {
+            type B = burn::backend::Cuda<f32>;
+            (
+                loss_of::<B>(cfg, weights, batch, &d)?,
+                time_steps::<burn::backend::Autodiff<B>>(cfg, weights, batch, steps, &d)?,
+            )
+        }
+        "f16" => {
+            type B = burn::backend::Cuda<burn::tensor::f16>;
+            (
+                loss_of::<B>(cfg, weights, batch, &d)?,
+                time_steps::<burn::backend::Autodiff<B>>(cfg, weights, batch, steps, &d)?,
+            )
+        }
+        other => bail!("--precision {other:?}: expected f32 or f16"),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_check_cuda(
+    _cfg: &crate::model::CaeConfig,
+    _weights: &[u8],
+    _batch: &crate::gpu_check::HostBatch,
+    _steps: usize,
+    _index: usize,
+    _precision: &str,
+) -> anyhow::Result<(f64, crate::gpu_check::StepTiming)> {
+    bail!("this trainer was built without CUDA: cargo build --release -p cae-trainer --features cuda")
 }
 
 fn bench_command(a: &BenchArgs) -> anyhow::Result<()> {
