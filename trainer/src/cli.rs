@@ -207,7 +207,7 @@ fn tokens_command(a: &TokensArgs) -> anyhow::Result<()> {
         "micro" => crate::model::DalleConfig::micro(),
         other => bail!("--tokenizer-size {other:?}: expected openai or micro"),
     };
-    if a.size == 0 || a.size % 8 != 0 {
+    if a.size == 0 || !a.size.is_multiple_of(8) {
         bail!("--size {} must be a positive multiple of 8", a.size);
     }
     let enc = crate::model::dalle_weights::load_dalle(size_cfg.init::<B>(&device), &a.tokenizer)?;
