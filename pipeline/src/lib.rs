@@ -11,10 +11,12 @@
 //! - [`augment`]: flip + one RandomResizedCrop box -> 224 bicubic and 112 Lanczos views (spec §1).
 //! - [`mask`]: the block-wise mask generator (spec §1.1).
 //! - [`batch`]: the `Batch` contract and normalisation; [`loader`]: the threads; [`metrics`]: names.
+//! - [`eval`]: every sample once, in order, resized + centre-cropped (the test transform), for features.
 
 pub mod augment;
 pub mod batch;
 pub mod decode;
+pub mod eval;
 pub mod http;
 pub mod loader;
 pub mod manifest;

@@ -529,14 +529,18 @@ impl Reader {
     }
 
     fn open(&self, shard: usize) -> Result<Box<dyn Read + Send>, String> {
-        let spec = &self.shards[shard];
-        if spec.is_http() {
-            let fetcher = self.http.as_ref().ok_or("no HTTP client")?;
-            Ok(Box::new(fetcher.open(&spec.url)))
-        } else {
-            let f = File::open(&spec.url).map_err(|e| e.to_string())?;
-            Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
-        }
+        open_shard(&self.shards[shard], self.http.as_ref())
+    }
+}
+
+/// Opens a shard for streaming: a buffered file, or an HTTP stream with retries.
+pub(crate) fn open_shard(spec: &ShardSpec, http: Option<&HttpFetcher>) -> Result<Box<dyn Read + Send>, String> {
+    if spec.is_http() {
+        let fetcher = http.ok_or("no HTTP client")?;
+        Ok(Box::new(fetcher.open(&spec.url)))
+    } else {
+        let f = File::open(&spec.url).map_err(|e| e.to_string())?;
+        Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
     }
 }
 

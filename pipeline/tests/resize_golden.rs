@@ -61,3 +61,26 @@ fn both_views_match_pillow_within_rounding() {
         assert!(tp <= 2 && tmax <= 16 && tmean < 0.2, "lanczos view differs from Pillow: max {tmax} mean {tmean}");
     }
 }
+
+#[test]
+fn eval_transform_matches_torchvision_resize_and_center_crop() {
+    use cae_pipeline::eval::CenterCropper;
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{DIR}/resize_golden.json")).unwrap()).unwrap();
+    let (w, h) = (meta["width"].as_u64().unwrap() as usize, meta["height"].as_u64().unwrap() as usize);
+    let img = source(w, h);
+    let cases = meta["eval"].as_array().unwrap();
+    assert!(!cases.is_empty(), "golden file has no eval cases (run make_resize_golden.py with torchvision)");
+    for case in cases {
+        let (resize, crop) = (case["resize"].as_u64().unwrap() as usize, case["crop"].as_u64().unwrap() as usize);
+        let mut c = CenterCropper::new(resize, crop);
+        let mut out = vec![0u8; 3 * crop * crop];
+        c.apply(&img, &mut out).unwrap();
+        let golden = std::fs::read(format!("{DIR}/{}", case["image"].as_str().unwrap())).unwrap();
+        let (p, max, mean) = diff(&to_hwc(&out, crop), &golden);
+        eprintln!("eval resize {resize} crop {crop}: p99 {p} max {max} mean {mean:.3}");
+        // A geometry error (an off-by-one crop offset or a wrong resized size) moves every edge
+        // of the 8-px checkerboard and gives a mean difference far above these bounds.
+        assert!(p <= 2 && max <= 16 && mean < 0.2, "eval transform differs from torchvision: max {max} mean {mean}");
+    }
+}

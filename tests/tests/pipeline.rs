@@ -380,3 +380,54 @@ fn bad_configs_fail_at_start() {
     micro_bad.augment.view_size = 64;
     assert!(err(micro_bad).is_some_and(|e| e.contains("min_num_patches")));
 }
+
+#[test]
+fn eval_reader_yields_every_sample_once_in_order_and_skips_bad_ones() {
+    use cae_pipeline::eval::{EvalConfig, EvalReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shards(tmp.path());
+    // The independent expectation: every sample of every shard, in shard-name order.
+    let expected: Vec<(String, i64)> = cae_tests::all_samples(&dir)
+        .into_iter()
+        .map(|(_, s)| {
+            let label = s.class().map_or(-1, |c| c.unwrap());
+            (s.key, label)
+        })
+        .collect();
+    assert!(expected.len() > 30);
+    // A shard with a corrupt JPEG, a sample without class and a good one, appended at the end.
+    let extra = tmp.path().join("extra.tar");
+    let jpg = {
+        let f = std::fs::File::open(dir.join("train-000000.tar")).unwrap();
+        cae_pipeline::wds::SampleReader::new(f).next().unwrap().unwrap().get("jpg").unwrap().to_vec()
+    };
+    let mut w = ShardWriter::create(&extra).unwrap();
+    w.write_sample("x0", &[("jpg", b"\xFF\xD8\xFFnot a jpeg"), ("cls", b"0")]).unwrap();
+    w.write_sample("x1", &[("jpg", &jpg)]).unwrap();
+    w.write_sample("x2", &[("jpg", &jpg), ("cls", b"3")]).unwrap();
+    w.finish().unwrap();
+    let mut specs = source::expand(dir.to_str().unwrap()).unwrap();
+    specs.extend(source::expand(extra.to_str().unwrap()).unwrap());
+    for workers in [1, 3] {
+        let cfg = EvalConfig { batch_size: 7, workers, ..EvalConfig::default() };
+        let reader = EvalReader::new(cfg, specs.clone()).unwrap();
+        let mut got = Vec::new();
+        let mut sizes = Vec::new();
+        let mut fingerprint = Vec::new();
+        let mut reader = reader;
+        for b in reader.by_ref() {
+            let b = b.unwrap();
+            assert_eq!(b.images.len(), b.len() * 3 * 224 * 224);
+            sizes.push(b.len());
+            fingerprint.push(fnv(&b.images));
+            got.extend(b.keys.iter().cloned().zip(b.labels.iter().copied()));
+        }
+        let mut want = expected.clone();
+        want.push(("x1".into(), -1));
+        want.push(("x2".into(), 3));
+        assert_eq!(got, want, "{workers} workers: every good sample once, in order");
+        assert!(sizes[..sizes.len() - 1].iter().all(|&s| s == 7), "only the last batch is short: {sizes:?}");
+        assert_eq!(reader.stats().bad_samples.load(Ordering::Relaxed), 1);
+        drop(reader);
+    }
+}

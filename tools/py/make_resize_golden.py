@@ -8,6 +8,10 @@ The source image is defined by integer formulas (so the Rust test builds the sam
 crop box is fixed, and the views are made as torchvision's `F.resized_crop` makes them for CAE
 (spec §1 step 3): crop, then resize to 224x224 BICUBIC and to 112x112 LANCZOS. Raw RGB bytes
 (HWC) are written, plus the box, into `resize_golden.json` / `*.rgb`.
+
+With torchvision installed it also writes the evaluation transform (spec §5 test transform,
+`trainer features`): `Resize(r, BICUBIC)` + `CenterCrop(224)` on the same image, for r = 256
+and r = 224 (`eval_*.rgb`, cases under "eval").
 """
 import json
 import sys
@@ -44,7 +48,19 @@ def main():
         (out / f"resize_{n}_112.rgb").write_bytes(v112.tobytes())
         cases.append({"top": top, "left": left, "height": h, "width": w,
                       "view": f"resize_{n}_224.rgb", "token": f"resize_{n}_112.rgb"})
-    (out / "resize_golden.json").write_text(json.dumps({"width": W, "height": H, "cases": cases,
+    evals = []
+    try:
+        from torchvision import transforms as T
+    except ImportError:
+        T = None
+        print("torchvision not installed: no eval cases", file=sys.stderr)
+    if T is not None:
+        for r in (256, 224):
+            t = T.Compose([T.Resize(r, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
+            name = f"eval_{r}.rgb"
+            (out / name).write_bytes(t(img).tobytes())
+            evals.append({"resize": r, "crop": 224, "image": name})
+    (out / "resize_golden.json").write_text(json.dumps({"width": W, "height": H, "cases": cases, "eval": evals,
                                                         "pillow": Image.__version__}, indent=1) + "\n")
 
 
