@@ -43,6 +43,84 @@ pub enum Command {
     /// Same weights and batch on the CPU and on a device: the losses must agree; then time
     /// forward + backward on the device (see tools/gpu-check.sh).
     GpuCheck(GpuCheckArgs),
+    /// Encoder features (cls and mean-pooled patch tokens) of every sample of a shard set, as
+    /// safetensors (`cls`, `mean`, `labels`, `keys`).
+    Features(FeaturesArgs),
+    /// Evaluate a checkpoint's representations.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Weighted k-NN (cosine, k = 20, T = 0.07) top-1/top-5 on frozen encoder features.
+    Knn(KnnArgs),
+}
+
+/// Which encoder to use, how to read the images, where to run.
+#[derive(Args, Debug, Clone)]
+pub struct EncoderArgs {
+    /// A checkpoint file, or a run directory (its latest checkpoint).
+    #[arg(long, required_unless_present = "random_init")]
+    pub checkpoint: Option<PathBuf>,
+    /// Use the same network freshly initialised (the untrained baseline): the checkpoint's
+    /// config and seed, or --preset without a checkpoint.
+    #[arg(long)]
+    pub random_init: bool,
+    /// Preset of a --random-init net without --checkpoint.
+    #[arg(long, default_value = "micro")]
+    pub preset: String,
+    /// Seed of a --random-init net without --checkpoint.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Shorter side before the centre crop (default: 8/7 of the model's input size, 256 for 224).
+    #[arg(long)]
+    pub resize: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Decode threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct FeaturesArgs {
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
+    /// Shards: a directory with manifest.json, a path, a brace pattern or URLs (joined by ::).
+    #[arg(long)]
+    pub shards: String,
+    /// Output file (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct KnnArgs {
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
+    /// The labeled reference set (default: the built-in sample set, generated if missing).
+    #[arg(long)]
+    pub train_shards: Option<String>,
+    /// The queries (default: the built-in validation set, generated if missing).
+    #[arg(long)]
+    pub val_shards: Option<String>,
+    /// Root of the built-in data (for the defaults above).
+    #[arg(long, default_value = "data")]
+    pub data_dir: PathBuf,
+    #[arg(long, default_value_t = 20)]
+    pub k: usize,
+    #[arg(long, default_value_t = 0.07)]
+    pub temperature: f64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -196,7 +274,192 @@ pub fn main_from<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) 
         Some(Command::Bench(a)) => bench_command(&a),
         Some(Command::Tokens(a)) => tokens_command(&a),
         Some(Command::GpuCheck(a)) => gpu_check_command(&a),
+        Some(Command::Features(a)) => features_command(&a),
+        Some(Command::Eval(EvalCommand::Knn(a))) => knn_command(&a),
     }
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The encoder of `a` (a checkpoint's, or a fresh one) and a description of where it came from.
+fn load_encoder<B: burn::tensor::backend::Backend>(
+    a: &EncoderArgs,
+    device: &B::Device,
+) -> anyhow::Result<(crate::model::Encoder<B>, crate::model::CaeConfig, String)> {
+    match (&a.checkpoint, a.random_init) {
+        (Some(path), false) => {
+            let ckpt = checkpoint::locate(path)?;
+            let (model, config, step) = train::load_model::<B>(&ckpt, device)?;
+            Ok((model.encoder, config.model, format!("{} (step {step})", ckpt.display())))
+        }
+        (Some(path), true) => {
+            let ckpt = checkpoint::locate(path)?;
+            let ck = checkpoint::Checkpoint::read(&ckpt)?;
+            let config = RunConfig::from_resolved_toml(&ck.header.config)?;
+            B::seed(device, config.seed);
+            let enc = crate::model::Encoder::new(&config.model, device);
+            Ok((enc, config.model, format!("random init (seed {}) of the net of {}", config.seed, ckpt.display())))
+        }
+        (None, _) => {
+            let config = RunConfig::preset(crate::config::Preset::parse(&a.preset)?);
+            config.model.validate()?;
+            B::seed(device, a.seed);
+            let enc = crate::model::Encoder::new(&config.model, device);
+            Ok((enc, config.model, format!("random init (seed {}) of the {} preset", a.seed, a.preset)))
+        }
+    }
+}
+
+fn eval_config(a: &EncoderArgs, model: &crate::model::CaeConfig) -> anyhow::Result<cae_pipeline::eval::EvalConfig> {
+    let resize = a.resize.unwrap_or_else(|| crate::features::default_resize(model.img_size));
+    if resize < model.img_size {
+        bail!("--resize {resize} is smaller than the model's input size {}", model.img_size);
+    }
+    Ok(cae_pipeline::eval::EvalConfig {
+        batch_size: a.batch_size.max(1),
+        workers: a.workers,
+        resize,
+        crop: model.img_size,
+        ..Default::default()
+    })
+}
+
+type FeatureSets = (Vec<crate::features::Features>, crate::model::CaeConfig, String);
+
+/// Features of each shard source in `sources`, on the backend of `a.device`.
+fn extract_features(a: &EncoderArgs, sources: &[&str]) -> anyhow::Result<FeatureSets> {
+    match DeviceKind::parse(&a.device)? {
+        DeviceKind::Cpu => features_on::<burn::backend::Flex>(a, sources, &Default::default()),
+        DeviceKind::Cuda(n) => features_cuda(a, sources, n),
+    }
+}
+
+fn features_on<B: burn::tensor::backend::Backend>(
+    a: &EncoderArgs,
+    sources: &[&str],
+    device: &B::Device,
+) -> anyhow::Result<FeatureSets> {
+    let (enc, model, what) = load_encoder::<B>(a, device)?;
+    let cfg = eval_config(a, &model)?;
+    println!("encoder: {what}; images: shorter side {}, centre crop {}", cfg.resize, cfg.crop);
+    let mut out = Vec::new();
+    for s in sources {
+        let f = crate::features::extract(&enc, s, cfg.clone(), device, !a.no_progress)
+            .with_context(|| format!("features of {s}"))?;
+        let bad = if f.bad_samples > 0 { format!(", {} bad samples skipped", f.bad_samples) } else { String::new() };
+        println!("{s}: {} images{bad}", f.len());
+        out.push(f);
+    }
+    Ok((out, model, what))
+}
+
+#[cfg(feature = "cuda")]
+fn features_cuda(a: &EncoderArgs, sources: &[&str], index: usize) -> anyhow::Result<FeatureSets> {
+    features_on::<burn::backend::Cuda>(a, sources, &burn::backend::cuda::CudaDevice { index })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn features_cuda(_a: &EncoderArgs, _sources: &[&str], _index: usize) -> anyhow::Result<FeatureSets> {
+    bail!("this trainer was built without CUDA: cargo build --release -p cae-trainer --features cuda")
+}
+
+fn features_command(a: &FeaturesArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let (mut feats, model, what) = extract_features(&a.encoder, &[&a.shards])?;
+    let f = feats.pop().context("no features")?;
+    let meta = [
+        ("encoder", what),
+        ("shards", a.shards.clone()),
+        ("dim", model.embed_dim.to_string()),
+        ("features", "cls and mean of the patch tokens, after the encoder's final LayerNorm".to_string()),
+        ("keys", "uint8 rows: UTF-8 sample keys, zero-padded".to_string()),
+    ];
+    f.save(&a.out, &meta).with_context(|| format!("writing {}", a.out.display()))?;
+    println!("wrote {} x {} features (cls, mean), labels and keys -> {}", f.len(), f.dim, a.out.display());
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn knn_cuda(
+    t: &[f32],
+    tl: &[i64],
+    v: &[f32],
+    vl: &[i64],
+    d: usize,
+    k: usize,
+    temp: f64,
+    index: usize,
+) -> anyhow::Result<crate::knn::KnnResult> {
+    let device = burn::backend::cuda::CudaDevice { index };
+    Ok(crate::knn::weighted_knn::<burn::backend::Cuda>(t, tl, v, vl, d, k, temp, &device)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::too_many_arguments)]
+fn knn_cuda(
+    _t: &[f32],
+    _tl: &[i64],
+    _v: &[f32],
+    _vl: &[i64],
+    _d: usize,
+    _k: usize,
+    _temp: f64,
+    _index: usize,
+) -> anyhow::Result<crate::knn::KnnResult> {
+    bail!("this trainer was built without CUDA: cargo build --release -p cae-trainer --features cuda")
+}
+
+fn knn_command(a: &KnnArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let builtin = BuiltinData::under(&a.data_dir);
+    let mut say = |l: String| println!("{l}");
+    let train_shards = match &a.train_shards {
+        Some(s) => s.clone(),
+        None => builtin::ensure(&builtin, &mut say)?.to_string_lossy().into_owned(),
+    };
+    let val_shards = match &a.val_shards {
+        Some(s) => s.clone(),
+        None => builtin::ensure_val(&builtin, &mut say)?.to_string_lossy().into_owned(),
+    };
+    let (feats, _model, what) = extract_features(&a.encoder, &[&train_shards, &val_shards])?;
+    let (train, val) = (&feats[0], &feats[1]);
+    let mut results = serde_json::Map::new();
+    for (name, t, v) in [("cls", &train.cls, &val.cls), ("mean", &train.mean, &val.mean)] {
+        let (tl, vl, d, k, temp) = (&train.labels[..], &val.labels[..], train.dim, a.k, a.temperature);
+        let r = match DeviceKind::parse(&a.encoder.device)? {
+            DeviceKind::Cpu => {
+                crate::knn::weighted_knn::<burn::backend::Flex>(t, tl, v, vl, d, k, temp, &Default::default())?
+            }
+            DeviceKind::Cuda(n) => knn_cuda(t, tl, v, vl, d, k, temp, n)?,
+        };
+        if !a.json {
+            println!(
+                "k-NN ({name} features, k {}, T {}): top-1 {:.2}%  top-5 {:.2}%  ({} train, {} val, {} classes)",
+                r.k,
+                r.temperature,
+                100.0 * r.top1,
+                100.0 * r.top5,
+                r.train_samples,
+                r.val_samples,
+                r.classes
+            );
+        }
+        results.insert(name.to_string(), serde_json::to_value(&r)?);
+    }
+    if a.json {
+        results.insert("encoder".into(), what.into());
+        println!("{}", serde_json::Value::Object(results));
+    }
+    Ok(())
 }
 
 fn tokens_command(a: &TokensArgs) -> anyhow::Result<()> {
@@ -418,13 +681,7 @@ fn install_signal_handlers(stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
 }
 
 fn run_command(a: RunArgs) -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    init_tracing();
     let device = DeviceKind::parse(&a.device)?;
 
     // Resume: the checkpoint's config, in the checkpoint's run dir.

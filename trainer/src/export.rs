@@ -12,11 +12,9 @@
 //!   q_bias, v_bias, proj}`, `backbone.layers.i.ffn.layers.0.0` / `ffn.layers.1`, `backbone.ln1`.
 //!
 //! Linear weights are written in torch's `[out, in]` layout (burn stores `[in, out]`).
-//! The safetensors file is written by hand (8-byte header length, JSON header, little-endian f32
-//! data), atomically (temp + rename).
+//! Files are written with the `safetensors` crate, atomically (temp + fsync + rename).
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use burn::nn::{LayerNorm, Linear};
@@ -114,39 +112,54 @@ pub fn encoder_tensors<B: Backend>(enc: &Encoder<B>, format: ExportFormat) -> Re
     Ok(out)
 }
 
-/// Writes `tensors` as a safetensors file (F32), with string `metadata`, atomically.
-pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], metadata: &[(&str, String)]) -> Result<(), CaeError> {
-    let mut header = serde_json::Map::new();
-    let meta: serde_json::Map<String, serde_json::Value> =
-        metadata.iter().map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone()))).collect();
-    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
-    let mut offset = 0usize;
-    for t in tensors {
-        let n = t.data.len() * 4;
-        header.insert(
-            t.name.clone(),
-            serde_json::json!({ "dtype": "F32", "shape": t.shape, "data_offsets": [offset, offset + n] }),
-        );
-        offset += n;
+/// A tensor of any dtype for [`write_tensors`]: little-endian element bytes, row-major.
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl RawTensor {
+    pub fn f32(name: &str, shape: Vec<usize>, data: &[f32]) -> Self {
+        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Self { name: name.into(), dtype: safetensors::Dtype::F32, shape, bytes }
     }
-    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| CaeError::Data(e.to_string()))?;
-    while json.len() % 8 != 0 {
-        json.push(b' ');
+    pub fn i64(name: &str, shape: Vec<usize>, data: &[i64]) -> Self {
+        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Self { name: name.into(), dtype: safetensors::Dtype::I64, shape, bytes }
     }
-    let tmp = path.with_extension("safetensors.tmp");
-    {
-        let mut f = std::io::BufWriter::new(fs::File::create(&tmp).map_err(CaeError::io(&tmp))?);
-        f.write_all(&(json.len() as u64).to_le_bytes()).map_err(CaeError::io(&tmp))?;
-        f.write_all(&json).map_err(CaeError::io(&tmp))?;
-        for t in tensors {
-            for v in &t.data {
-                f.write_all(&v.to_le_bytes()).map_err(CaeError::io(&tmp))?;
-            }
-        }
-        let f = f.into_inner().map_err(|e| CaeError::io(&tmp)(e.into_error()))?;
-        f.sync_all().map_err(CaeError::io(&tmp))?;
+    pub fn u8(name: &str, shape: Vec<usize>, data: Vec<u8>) -> Self {
+        Self { name: name.into(), dtype: safetensors::Dtype::U8, shape, bytes: data }
     }
+}
+
+/// Writes tensors of any dtype as a safetensors file with string `metadata`, atomically (temp
+/// file, fsync, rename).
+pub fn write_tensors(path: &Path, tensors: &[RawTensor], metadata: &[(&str, String)]) -> Result<(), CaeError> {
+    let views = tensors
+        .iter()
+        .map(|t| {
+            safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| CaeError::Data(format!("tensor {}: {e}", t.name)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta: std::collections::HashMap<String, String> =
+        metadata.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| CaeError::Io { path: tmp.clone(), source: std::io::Error::other(e.to_string()) })?;
+    fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(CaeError::io(&tmp))?;
     fs::rename(&tmp, path).map_err(CaeError::io(path))
+}
+
+/// Writes f32 `tensors` as a safetensors file with string `metadata`, atomically.
+pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], metadata: &[(&str, String)]) -> Result<(), CaeError> {
+    let raw: Vec<RawTensor> = tensors.iter().map(|t| RawTensor::f32(&t.name, t.shape.clone(), &t.data)).collect();
+    write_tensors(path, &raw, metadata)
 }
 
 #[cfg(test)]

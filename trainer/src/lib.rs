@@ -10,6 +10,8 @@
 //! - [`checkpoint`]: atomic checkpoint files with exact resume state.
 //! - [`metrics`]: the Prometheus series (`cae_train_*`).
 //! - [`export`]: the encoder as safetensors with timm / mmselfsup names (spec §5).
+//! - [`features`]: `trainer features` (frozen encoder features of a shard set); [`knn`]: the
+//!   weighted k-NN of `trainer eval knn`.
 //! - [`bench`]: `trainer bench` (synthetic compute-only steps vs the real pipeline).
 //! - [`builtin`]: the built-in sample set of the no-argument run.
 //! - [`cli`]: the `trainer` command line; the only place that picks a backend.
@@ -28,7 +30,9 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod features;
 pub mod gpu_check;
+pub mod knn;
 pub mod metrics;
 pub mod model;
 pub mod optim;
