@@ -408,3 +408,64 @@ fn features_and_knn_of_a_run(tmp: &Path, train: &Path, run: &Path) {
     // encoder separate them far above chance (1/4).
     assert!(trained["mean"]["top1"].as_f64().unwrap() > 0.4, "{trained}");
 }
+
+/// `trainer run --init-from` an mmselfsup checkpoint (the micro golden file of
+/// tools/py/make_mmselfsup_golden.py), `trainer features` straight from an extracted mmselfsup
+/// backbone, and a clear refusal when the file does not fit the run's model.
+#[test]
+fn mmselfsup_checkpoints_feed_run_features_and_export() {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../trainer/tests/golden");
+    let full = golden.join("cae_mmselfsup_micro_legacy.pth").to_string_lossy().into_owned();
+    let backbone = golden.join("cae_mmselfsup_micro_backbone_legacy.pth").to_string_lossy().into_owned();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path(), 2, 8);
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+
+    let run = tmp.path().join("run");
+    let mut a = run_args(&data, &run, 2, 0);
+    a.extend(
+        ["--init-from", &full, "--set", "model.target=dalle", "--set", "tokenizer.random_init=true"].map(String::from),
+    );
+    let out = run_ok(&a);
+    assert!(out.contains("initial weights:") && out.contains("mmselfsup full checkpoint"), "{out}");
+    assert_eq!(read_step_log(&run.join(STEP_LOG)).unwrap().len(), 2);
+
+    // The pixels target has another head ([768, 64], not the file's [512, 64]): refused, naming
+    // the file and the tensor.
+    let mut a = run_args(&data, &tmp.path().join("run2"), 2, 0);
+    a.extend(["--init-from", &full].map(String::from));
+    let o = spawn(&a, &[]).wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success(), "{text}");
+    assert!(text.contains("cae_mmselfsup_micro_legacy.pth") && text.contains("decoder.head"), "{text}");
+
+    let feats = tmp.path().join("f.safetensors");
+    run_ok(
+        &[
+            "trainer",
+            "features",
+            "--checkpoint",
+            &backbone,
+            "--shards",
+            &s(&data),
+            "--out",
+            &s(&feats),
+            "--no-progress",
+        ]
+        .map(String::from),
+    );
+    let bytes = std::fs::read(&feats).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("cls").unwrap().shape(), &[16, 64]);
+
+    // Conversion to timm names: the k part of qkv.bias is zero, and the file is complete.
+    let timm = tmp.path().join("timm.safetensors");
+    run_ok(&["trainer", "export", "--checkpoint", &backbone, "--format", "timm", "--out", &s(&timm)].map(String::from));
+    let bytes = std::fs::read(&timm).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let qkv_b = st.tensor("blocks.1.attn.qkv.bias").unwrap();
+    assert_eq!(qkv_b.shape(), &[192]);
+    assert!(qkv_b.data()[64 * 4..128 * 4].iter().all(|&b| b == 0));
+    assert!(qkv_b.data()[..64 * 4].iter().any(|&b| b != 0), "q bias comes from the file");
+    assert_eq!(st.len(), 4 + 2 * 14 + 2); // patch w/b, cls, pos; 14 per block; final norm
+}

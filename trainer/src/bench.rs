@@ -100,6 +100,7 @@ pub fn pipeline<B: AutodiffBackend>(
         resume: None,
         stop: Default::default(),
         progress: false,
+        init_from: None,
     };
     let result = train::run::<B>(&config, &opts, device).and_then(|_| read_step_log(&scratch.join(STEP_LOG)));
     let _ = std::fs::remove_dir_all(&scratch);

@@ -60,7 +60,8 @@ pub enum EvalCommand {
 /// Which encoder to use, how to read the images, where to run.
 #[derive(Args, Debug, Clone)]
 pub struct EncoderArgs {
-    /// A checkpoint file, or a run directory (its latest checkpoint).
+    /// A checkpoint file, a run directory (its latest checkpoint), or an mmselfsup CAE
+    /// checkpoint (`.pth`: the full algorithm state or the extracted backbone).
     #[arg(long, required_unless_present = "random_init")]
     pub checkpoint: Option<PathBuf>,
     /// Use the same network freshly initialised (the untrained baseline): the checkpoint's
@@ -186,7 +187,8 @@ pub struct BenchArgs {
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// A checkpoint file, or a run directory (its latest checkpoint).
+    /// A checkpoint file, a run directory (its latest checkpoint), or an mmselfsup CAE
+    /// checkpoint (.pth) to convert.
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Key names: timm (`vit_base_patch16_224` layout) or mmselfsup (MS0 `backbone.*`).
@@ -237,6 +239,10 @@ pub struct RunArgs {
     /// No progress bar (loss lines are still printed).
     #[arg(long)]
     pub no_progress: bool,
+    /// Initial weights: an mmselfsup CAE checkpoint (.pth, full or backbone only) or one of our
+    /// checkpoints (weights only; optimizer, step and data start fresh).
+    #[arg(long, value_name = "CKPT")]
+    pub init_from: Option<PathBuf>,
 }
 
 /// Where a run executes.
@@ -289,12 +295,35 @@ fn init_tracing() {
         .try_init();
 }
 
+/// A PyTorch file (`.pth`, `.pt`): an mmselfsup checkpoint to import.
+fn is_torch_file(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e == "pth" || e == "pt" || e == "tar")
+}
+
+/// Imports an mmselfsup CAE checkpoint into the preset of matching width and depth.
+fn import_mmselfsup<B: burn::tensor::backend::Backend>(
+    path: &Path,
+    device: &B::Device,
+) -> anyhow::Result<(RunConfig, crate::model::Cae<B>, crate::model::mmselfsup_weights::ImportReport)> {
+    use crate::model::mmselfsup_weights::{load_mmselfsup, probe_mmselfsup};
+    let (dim, depth) = probe_mmselfsup(path)?;
+    let preset = crate::config::Preset::from_encoder_shape(dim, depth)?;
+    let config = RunConfig::preset(preset);
+    let model = crate::model::Cae::<B>::new(&config.model, device)?;
+    let (model, report) = load_mmselfsup(model, path)?;
+    Ok((config, model, report))
+}
+
 /// The encoder of `a` (a checkpoint's, or a fresh one) and a description of where it came from.
 fn load_encoder<B: burn::tensor::backend::Backend>(
     a: &EncoderArgs,
     device: &B::Device,
 ) -> anyhow::Result<(crate::model::Encoder<B>, crate::model::CaeConfig, String)> {
     match (&a.checkpoint, a.random_init) {
+        (Some(path), false) if is_torch_file(path) => {
+            let (_, model, report) = import_mmselfsup::<B>(path, device)?;
+            Ok((model.encoder, model.config.clone(), format!("{} (mmselfsup, {} form)", path.display(), report.form)))
+        }
         (Some(path), false) => {
             let ckpt = checkpoint::locate(path)?;
             let (model, config, step) = train::load_model::<B>(&ckpt, device)?;
@@ -630,9 +659,15 @@ fn bench_cuda(_c: &RunConfig, _s: &str, _a: &BenchArgs, _p: PathBuf, _i: usize) 
 }
 
 fn export_command(a: &ExportArgs) -> anyhow::Result<()> {
-    let ckpt = checkpoint::locate(&a.checkpoint)?;
     let device = Default::default();
-    let (model, config, step) = train::load_model::<burn::backend::Flex>(&ckpt, &device)?;
+    let (ckpt, model, config, step) = if is_torch_file(&a.checkpoint) {
+        let (config, model, _) = import_mmselfsup::<burn::backend::Flex>(&a.checkpoint, &device)?;
+        (a.checkpoint.clone(), model, config, 0)
+    } else {
+        let ckpt = checkpoint::locate(&a.checkpoint)?;
+        let (model, config, step) = train::load_model::<burn::backend::Flex>(&ckpt, &device)?;
+        (ckpt, model, config, step)
+    };
     let tensors = crate::export::encoder_tensors(&model.encoder, a.format)?;
     let params: usize = tensors.iter().map(|t| t.data.len()).sum();
     let meta = [
@@ -805,7 +840,10 @@ fn run_command(a: RunArgs) -> anyhow::Result<()> {
         None => println!("  metrics     off"),
     }
 
-    let opts = RunOptions { run_dir, shards, resume, stop, progress: !a.no_progress };
+    if a.init_from.is_some() && resume.is_some() {
+        bail!("--init-from starts a fresh run; a resumed run takes its weights from the checkpoint");
+    }
+    let opts = RunOptions { run_dir, shards, resume, stop, progress: !a.no_progress, init_from: a.init_from.clone() };
     let summary = match device {
         DeviceKind::Cpu => {
             type B = burn::backend::Autodiff<burn::backend::Flex>;

@@ -53,6 +53,17 @@ impl Preset {
         }
     }
 
+    /// The preset whose encoder has this width and depth (to read foreign checkpoints).
+    pub fn from_encoder_shape(embed_dim: usize, depth: usize) -> Result<Self, CaeError> {
+        [Self::Base, Self::Small, Self::Tiny, Self::Micro]
+            .into_iter()
+            .find(|p| {
+                let m = p.model();
+                (m.embed_dim, m.depth) == (embed_dim, depth)
+            })
+            .ok_or_else(|| CaeError::Config(format!("no preset has an encoder of width {embed_dim} and depth {depth}")))
+    }
+
     fn model(self) -> CaeConfig {
         match self {
             Self::Base => CaeConfig::base(),

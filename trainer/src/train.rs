@@ -75,6 +75,9 @@ pub struct RunOptions {
     pub stop: Arc<AtomicBool>,
     /// Draw a progress bar (hidden anyway when stderr is not a terminal).
     pub progress: bool,
+    /// Initial weights of a fresh run (ignored on resume): an mmselfsup CAE checkpoint (`.pth`)
+    /// or one of our checkpoints (model weights only; optimizer, step and data start fresh).
+    pub init_from: Option<PathBuf>,
 }
 
 /// What a run did.
@@ -302,7 +305,12 @@ pub fn run<B: AutodiffBackend>(
             }
             (ck.header.step, ck.header.loader)
         }
-        None => (0, LoaderState::default()),
+        None => {
+            if let Some(path) = &opts.init_from {
+                model = init_weights(model, path, config, device)?;
+            }
+            (0, LoaderState::default())
+        }
     };
     let mut optimizer = CaeOptimizer::new(&config.optim_config(), &model);
     if let Some(path) = &opts.resume {
@@ -510,6 +518,39 @@ pub fn run<B: AutodiffBackend>(
 }
 
 /// The model of a checkpoint (for export and evaluation), on `device`.
+/// Model weights of a fresh run from `path` (see [`RunOptions::init_from`]).
+fn init_weights<B: AutodiffBackend>(
+    model: Cae<B>,
+    path: &Path,
+    config: &RunConfig,
+    device: &B::Device,
+) -> Result<Cae<B>, CaeError> {
+    let torch = path.extension().is_some_and(|e| e == "pth" || e == "pt" || e == "tar");
+    if torch {
+        let (model, r) = crate::model::mmselfsup_weights::load_mmselfsup(model, path)?;
+        tracing::info!("initial weights from {} ({} form, {} tensors)", path.display(), r.form, r.loaded);
+        println!(
+            "initial weights: {} (mmselfsup {} checkpoint: encoder{}{})",
+            path.display(),
+            r.form,
+            if r.teacher { ", teacher" } else { "; teacher = encoder copy" },
+            if r.neck { ", regressor and decoder" } else { "; regressor and decoder freshly initialised" }
+        );
+        return Ok(model);
+    }
+    let ckpt = crate::checkpoint::locate(path)?;
+    let ck = Checkpoint::read(&ckpt)?;
+    let theirs = RunConfig::from_resolved_toml(&ck.header.config)?;
+    if theirs.model != config.model {
+        return Err(CaeError::Checkpoint {
+            path: ckpt,
+            reason: "its model config differs from this run's (preset, sizes or target)".into(),
+        });
+    }
+    println!("initial weights: {} (step {}; optimizer and data start fresh)", ckpt.display(), ck.header.step);
+    Ok(model.load_record(ck.record::<B, _>("model", device)?))
+}
+
 pub fn load_model<B: Backend>(path: &Path, device: &B::Device) -> Result<(Cae<B>, RunConfig, u64), CaeError> {
     let ck = Checkpoint::read(path)?;
     let config = RunConfig::from_resolved_toml(&ck.header.config)?;
@@ -544,6 +585,7 @@ mod tests {
             resume,
             stop: Arc::new(AtomicBool::new(false)),
             progress: false,
+            init_from: None,
         }
     }
 

@@ -15,6 +15,7 @@ pub mod dalle_weights;
 pub mod decoder;
 pub mod encoder;
 pub mod init;
+pub mod mmselfsup_weights;
 pub mod pos_embed;
 pub mod regressor;
 
