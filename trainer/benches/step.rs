@@ -9,19 +9,20 @@ use criterion::{Criterion, criterion_group, criterion_main};
 
 type AB = Autodiff<Flex>;
 
-/// A fixed mask with exactly `num_mask` patches per row (the first `num_mask` of a stride walk).
+/// A fixed mask with exactly `num_mask` patches per row: the first `num_mask` positions of a
+/// walk with a stride coprime to `num_patches` (so it visits every patch).
 fn mask(batch: usize, num_patches: usize, num_mask: usize) -> Vec<bool> {
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let stride = (7..).find(|&s| gcd(s, num_patches) == 1).unwrap_or(1);
     let mut m = vec![false; batch * num_patches];
     for b in 0..batch {
-        let mut i = b;
-        let mut set = 0;
-        while set < num_mask {
-            let p = (i * 7) % num_patches;
-            if !m[b * num_patches + p] {
-                m[b * num_patches + p] = true;
-                set += 1;
-            }
-            i += 1;
+        for i in 0..num_mask {
+            m[b * num_patches + (b + i * stride) % num_patches] = true;
         }
     }
     m

@@ -49,6 +49,9 @@ pub struct CheckpointHeader {
     /// The shard source of the run (`--resume` reuses it when `--shards` is not given).
     #[serde(default)]
     pub shards: Option<String>,
+    /// Dynamic loss-scale state (runs with loss scaling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<crate::precision::LossScaler>,
     /// `(name, byte length)` of every section, in file order.
     pub sections: Vec<(String, u64)>,
 }
@@ -236,6 +239,7 @@ mod tests {
             config: "preset = \"micro\"".into(),
             loss: Some(1.5),
             shards: Some("data/shards".into()),
+            loss_scaler: None,
             sections: Vec::new(),
         }
     }

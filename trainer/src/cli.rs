@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::builtin::{self, BuiltinData};
 use crate::checkpoint;
 use crate::config::RunConfig;
+use crate::precision::Dtype;
 use crate::train::{self, CONFIG_FILE, RunOptions, RunSummary, STEP_LOG};
 
 /// The shipped micro config: the no-argument run.
@@ -147,7 +148,7 @@ pub struct GpuCheckArgs {
     pub preset: String,
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
-    /// f32 or f16 on the device (the CPU reference is always f32).
+    /// f32, f16 or bf16 on the device (the CPU reference is always f32).
     #[arg(long, default_value = "f32")]
     pub precision: String,
     /// Timed forward + backward steps on the device.
@@ -574,7 +575,14 @@ fn gpu_check_cuda(
                 time_steps::<burn::backend::Autodiff<B>>(cfg, weights, batch, steps, &d)?,
             )
         }
-        other => bail!("--precision {other:?}: expected f32 or f16"),
+        "bf16" => {
+            type B = burn::backend::Cuda<burn::tensor::bf16>;
+            (
+                loss_of::<B>(cfg, weights, batch, &d)?,
+                time_steps::<burn::backend::Autodiff<B>>(cfg, weights, batch, steps, &d)?,
+            )
+        }
+        other => bail!("--precision {other:?}: expected f32, f16 or bf16"),
     })
 }
 
@@ -823,14 +831,16 @@ fn run_command(a: RunArgs) -> anyhow::Result<()> {
     install_signal_handlers(&stop)?;
 
     println!(
-        "run {}: preset {:?}, target {:?}, batch {} x {} accumulation, peak lr {:.3e}, device {}",
+        "run {}: preset {:?}, target {:?}, batch {} x {} accumulation, peak lr {:.3e}, device {}, {:?}{}",
         run_dir.display(),
         config.preset,
         config.model.target,
         config.data.batch_size,
         config.optimizer.accumulation_steps,
         config.peak_lr(),
-        a.device
+        a.device,
+        config.precision.dtype,
+        if config.precision.scaling() { " with dynamic loss scaling" } else { "" }
     );
     println!("  config      {}", run_dir.join(CONFIG_FILE).display());
     println!("  step log    {}", run_dir.join(STEP_LOG).display());
@@ -842,6 +852,12 @@ fn run_command(a: RunArgs) -> anyhow::Result<()> {
 
     if a.init_from.is_some() && resume.is_some() {
         bail!("--init-from starts a fresh run; a resumed run takes its weights from the checkpoint");
+    }
+    if device == DeviceKind::Cpu && config.precision.dtype != Dtype::F32 {
+        bail!(
+            "precision.dtype = {:?} runs on cuda only (the CPU backend is f32); use --device cuda or drop it",
+            config.precision.dtype
+        );
     }
     let opts = RunOptions { run_dir, shards, resume, stop, progress: !a.no_progress, init_from: a.init_from.clone() };
     let summary = match device {
@@ -857,9 +873,14 @@ fn run_command(a: RunArgs) -> anyhow::Result<()> {
 
 #[cfg(feature = "cuda")]
 fn run_cuda(config: &RunConfig, opts: &RunOptions, index: usize) -> anyhow::Result<RunSummary> {
-    type B = burn::backend::Autodiff<burn::backend::Cuda>;
+    use burn::backend::{Autodiff, Cuda};
+    use burn::tensor::{bf16, f16};
     let device = burn::backend::cuda::CudaDevice { index };
-    Ok(train::run::<B>(config, opts, &device)?)
+    Ok(match config.precision.dtype {
+        Dtype::F32 => train::run::<Autodiff<Cuda<f32>>>(config, opts, &device)?,
+        Dtype::Bf16 => train::run::<Autodiff<Cuda<bf16>>>(config, opts, &device)?,
+        Dtype::F16 => train::run::<Autodiff<Cuda<f16>>>(config, opts, &device)?,
+    })
 }
 
 #[cfg(not(feature = "cuda"))]

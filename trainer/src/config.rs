@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::CaeError;
 use crate::model::{CaeConfig, TargetKind};
 use crate::optim::{LrSchedule, NoDecayRule, OptimConfig, REFERENCE_BATCH};
+use crate::precision::PrecisionConfig;
 
 /// Named model presets (spec §2, §7).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +159,9 @@ pub struct RunConfig {
     pub optimizer: OptimizerSection,
     pub schedule: ScheduleSection,
     pub checkpoint: CheckpointSection,
+    /// Float type and loss scaling (`[precision]`; default f32, no scaling).
+    #[serde(default)]
+    pub precision: PrecisionConfig,
 }
 
 impl RunConfig {
@@ -216,6 +220,7 @@ impl RunConfig {
             optimizer,
             schedule,
             checkpoint: CheckpointSection { every: if micro { 100 } else { 1000 }, keep_last: 3 },
+            precision: PrecisionConfig::default(),
         }
     }
 
@@ -310,6 +315,7 @@ impl RunConfig {
         if o.clip_grad_norm.is_nan() || o.clip_grad_norm < 0.0 {
             return fail(format!("optimizer.clip_grad_norm {} must be >= 0", o.clip_grad_norm));
         }
+        self.precision.validate()?;
         if self.checkpoint.keep_last == 0 {
             return fail("checkpoint.keep_last must be >= 1".into());
         }

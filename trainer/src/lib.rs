@@ -36,6 +36,7 @@ pub mod knn;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod precision;
 pub mod tokens;
 pub mod train;
 

@@ -33,6 +33,10 @@ pub const EPOCH: &str = "cae_train_epoch";
 pub const CHECKPOINTS: &str = "cae_train_checkpoints_total";
 /// Time to write one checkpoint.
 pub const CHECKPOINT_SECONDS: &str = "cae_train_checkpoint_seconds";
+/// Optimizer steps skipped because the scaled loss or gradients overflowed (f16 loss scaling).
+pub const SKIPPED_STEPS: &str = "cae_train_skipped_steps_total";
+/// Current loss scale (1 without loss scaling).
+pub const LOSS_SCALE: &str = "cae_train_loss_scale";
 
 /// Every series the trainer exports (the pipeline's are in `cae_pipeline::metrics`).
 pub const ALL: &[&str] = &[
@@ -49,6 +53,8 @@ pub const ALL: &[&str] = &[
     EPOCH,
     CHECKPOINTS,
     CHECKPOINT_SECONDS,
+    SKIPPED_STEPS,
+    LOSS_SCALE,
 ];
 
 /// Registers help texts (call after the recorder is installed).
@@ -66,6 +72,8 @@ pub fn describe() {
     describe_gauge!(EPOCH, "Current data epoch");
     describe_counter!(CHECKPOINTS, Unit::Count, "Checkpoints written");
     describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Time to write one checkpoint");
+    describe_counter!(SKIPPED_STEPS, Unit::Count, "Steps skipped on loss-scale overflow (no update)");
+    describe_gauge!(LOSS_SCALE, "Dynamic loss scale (1 without loss scaling)");
     cae_pipeline::metrics::describe();
 }
 

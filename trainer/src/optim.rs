@@ -266,11 +266,48 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> CaeOptimizer<B, M> {
             Some(max) => clip_grad_norm(&module, grads, max),
             None => (grads, Tensor::zeros([1], &Default::default())),
         };
+        (self.apply(lr, module, grads), norm)
+    }
+
+    /// The training loop's step: divides the gradients by `loss_scale` (the factor the loss was
+    /// multiplied by; 1 without loss scaling), computes the global norm (on the host), and — only
+    /// when it is finite — clips and updates. Returns the module (unchanged when skipped), the
+    /// unscaled pre-clipping norm, and whether the update was applied.
+    pub fn step_scaled(&mut self, lr: f64, module: M, grads: GradientsParams, loss_scale: f64) -> (M, f64, bool) {
+        let grads = if loss_scale == 1.0 { grads } else { scale_grads(&module, grads, 1.0 / loss_scale) };
+        let (grads, norm) = clip_grad_norm(&module, grads, self.clip.unwrap_or(f64::INFINITY));
+        let norm = norm.into_data().convert::<f64>().to_vec::<f64>().ok().and_then(|v| v.first().copied());
+        let norm = norm.unwrap_or(f64::NAN);
+        if !norm.is_finite() {
+            return (module, norm, false);
+        }
+        (self.apply(lr, module, grads), norm, true)
+    }
+
+    fn apply(&mut self, lr: f64, module: M, grads: GradientsParams) -> M {
         let (decay_grads, no_decay_grads) = split_grads::<B, M>(&module, grads, &self.no_decay_ids);
         let module = self.decay.step(lr, module, decay_grads);
-        let module = self.no_decay.step(lr, module, no_decay_grads);
-        (module, norm)
+        self.no_decay.step(lr, module, no_decay_grads)
     }
+}
+
+/// Every gradient of `module` in `grads` multiplied by `factor`.
+pub fn scale_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: GradientsParams,
+    factor: f64,
+) -> GradientsParams {
+    struct Scale(GradientsParams, f64);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Scale {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.0.remove::<B::InnerBackend, D>(param.id) {
+                self.0.register(param.id, g.mul_scalar(self.1));
+            }
+        }
+    }
+    let mut s = Scale(grads, factor);
+    module.visit(&mut s);
+    s.0
 }
 
 /// Moves the gradients of `ids` out of `grads`: returns (the rest, those of `ids`).

@@ -38,6 +38,7 @@ use crate::metrics as m;
 use crate::model::dalle_weights::load_dalle;
 use crate::model::{Cae, CaeTargets, DalleEncoder, TargetKind, map_pixels, pixel_targets};
 use crate::optim::CaeOptimizer;
+use crate::precision::{LossScaler, ScaleDecision};
 
 /// Name of the per-step log in the run dir.
 pub const STEP_LOG: &str = "metrics.jsonl";
@@ -56,10 +57,16 @@ pub struct StepLog {
     pub loss_main: f64,
     pub loss_align: f64,
     pub lr: f64,
+    /// `null` in the file (NaN here) for a step skipped on loss-scale overflow.
+    #[serde(deserialize_with = "null_as_nan")]
     pub grad_norm: f64,
     pub step_seconds: f64,
     pub data_wait_seconds: f64,
     pub images_per_second: f64,
+}
+
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Where and how a run goes (the config says what it is).
@@ -222,6 +229,7 @@ fn save<B: AutodiffBackend>(
     model: &Cae<B>,
     optimizer: &CaeOptimizer<B, Cae<B>>,
     tokenizer: Option<&DalleEncoder<B::InnerBackend>>,
+    scaler: &LossScaler,
 ) -> Result<PathBuf, CaeError> {
     let t = Instant::now();
     let mut sections = vec![
@@ -237,6 +245,7 @@ fn save<B: AutodiffBackend>(
         config: config_toml.to_string(),
         loss,
         shards: Some(shards.to_string()),
+        loss_scaler: scaler.enabled.then_some(*scaler),
         sections: Vec::new(),
     };
     let path = checkpoint::write(run_dir, &header, &sections, config.checkpoint.keep_last)?;
@@ -313,9 +322,13 @@ pub fn run<B: AutodiffBackend>(
         }
     };
     let mut optimizer = CaeOptimizer::new(&config.optim_config(), &model);
+    let mut scaler = LossScaler::new(&config.precision);
     if let Some(path) = &opts.resume {
         let ck = Checkpoint::read(path)?;
         optimizer = optimizer.load_record(ck.record::<B, _>("optimizer", device)?);
+        if let Some(s) = ck.header.loss_scaler.filter(|_| scaler.enabled) {
+            scaler = s;
+        }
     }
     let log_path = run_dir.join(STEP_LOG);
     truncate_step_log(&log_path, step)?;
@@ -373,13 +386,17 @@ pub fn run<B: AutodiffBackend>(
         let mut single: Option<GradientsParams> = None;
         let (mut loss, mut loss_main, mut loss_align, mut images) = (0.0, 0.0, 0.0, 0usize);
         let mut epoch = 0;
+        let mut loss_overflow = false;
         for micro in 0..accum {
             let Some(batch) = pending.take() else {
                 data_ended = true;
                 break;
             };
             let out = model.forward(batch.images, batch.visible, batch.masked, &batch.targets)?;
-            let scaled = if accum == 1 { out.loss.clone() } else { out.loss.clone() / accum as f64 };
+            let mut scaled = if accum == 1 { out.loss.clone() } else { out.loss.clone() / accum as f64 };
+            if scaler.enabled {
+                scaled = scaled.mul_scalar(scaler.scale()); // f16 loss scaling (GradScaler)
+            }
             let grads = GradientsParams::from_grads(scaled.backward(), &model);
             // Prefetch: the next batch is uploaded while this step's kernels run (async devices).
             let last_of_run = step + 1 == total && micro + 1 == accum;
@@ -388,8 +405,11 @@ pub fn run<B: AutodiffBackend>(
             }
             let values = floats(Tensor::cat(vec![out.loss.inner(), out.loss_main.inner(), out.loss_align.inner()], 0))?;
             if !values[0].is_finite() {
-                pb.abandon();
-                return Err(CaeError::NonFinite { what: "loss", step: step + 1, value: values[0] });
+                if !scaler.enabled {
+                    pb.abandon();
+                    return Err(CaeError::NonFinite { what: "loss", step: step + 1, value: values[0] });
+                }
+                loss_overflow = true;
             }
             loss += values[0] / accum as f64;
             loss_main += values[1] / accum as f64;
@@ -410,14 +430,31 @@ pub fn run<B: AutodiffBackend>(
         let grads = single.unwrap_or_else(|| acc.grads());
         let lr = schedule.lr(step as usize);
         model = model.update_teacher(); // spec §2.2: hard copy before the update
-        let (updated, norm) = optimizer.step(lr, model, grads);
+        let loss_scale = scaler.scale();
+        let (updated, grad_norm, applied) =
+            if loss_overflow { (model, f64::NAN, false) } else { optimizer.step_scaled(lr, model, grads, loss_scale) };
         model = updated;
-        let grad_norm = floats(norm)?.first().copied().unwrap_or(0.0);
         step += 1;
-        if !grad_norm.is_finite() {
-            pb.abandon();
-            return Err(CaeError::NonFinite { what: "gradient norm", step, value: grad_norm });
+        match scaler.update(applied) {
+            ScaleDecision::Apply => {}
+            ScaleDecision::Skip => {
+                ::metrics::counter!(m::SKIPPED_STEPS).increment(1);
+                say(
+                    &pb,
+                    format!(
+                        "step {step}: {} overflowed at loss scale {loss_scale}; update skipped, scale -> {}",
+                        if loss_overflow { "the loss" } else { "the gradients" },
+                        scaler.scale()
+                    ),
+                );
+            }
+            ScaleDecision::Diverged => {
+                pb.abandon();
+                let (what, value) = if loss_overflow { ("loss", loss) } else { ("gradient norm", grad_norm) };
+                return Err(CaeError::NonFinite { what, step, value });
+            }
         }
+        ::metrics::gauge!(m::LOSS_SCALE).set(scaler.scale());
 
         let step_seconds = step_start.elapsed().as_secs_f64();
         let entry = StepLog {
@@ -481,6 +518,7 @@ pub fn run<B: AutodiffBackend>(
                 &model,
                 &optimizer,
                 tokenizer.as_ref(),
+                &scaler,
             )?;
             if stop || step == total || data_ended {
                 say(&pb, format!("checkpoint {}", path.display()));
@@ -587,6 +625,61 @@ mod tests {
             progress: false,
             init_from: None,
         }
+    }
+
+    fn precision_run(tmp: &Path, data: &Path, name: &str, extra: &[&str]) -> Vec<StepLog> {
+        let mut sets: Vec<String> = [
+            "data.batch_size=4",
+            "data.workers=1",
+            "data.shuffle_buffer=8",
+            "schedule.total_steps=8",
+            "checkpoint.every=4",
+        ]
+        .map(String::from)
+        .to_vec();
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        let config = RunConfig::resolve(None, &sets).unwrap();
+        let dir = tmp.join(name);
+        run::<AB>(&config, &opts(dir.clone(), data, None), &Default::default()).unwrap();
+        read_step_log(&dir.join(STEP_LOG)).unwrap()
+    }
+
+    /// Dynamic loss scaling multiplies the loss by a power of two and divides the gradients by
+    /// it: in f32 both are exact, so the losses and gradient norms equal the unscaled run's bit
+    /// for bit (the scaler's wiring changes nothing but the scale). A scale that overflows f32
+    /// skips steps (no update, grad_norm null in the log) and halves until training goes on.
+    #[test]
+    fn loss_scaling_is_exact_in_f32_and_skips_overflowing_steps() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = shards(tmp.path());
+        let plain = precision_run(tmp.path(), &data, "plain", &[]);
+        let scaled = precision_run(
+            tmp.path(),
+            &data,
+            "scaled",
+            &["precision.loss_scaling=\"dynamic\"", "precision.init_scale=1024.0", "precision.growth_interval=3"],
+        );
+        let key = |s: &StepLog| (s.step, s.loss.to_bits(), s.grad_norm.to_bits());
+        assert_eq!(plain.iter().map(key).collect::<Vec<_>>(), scaled.iter().map(key).collect::<Vec<_>>());
+        // The scaler state is in the checkpoint: 8 good steps with growth every 3 -> 1024 * 4.
+        let ck = Checkpoint::read(&tmp.path().join("scaled/checkpoints").join(checkpoint::file_name(8))).unwrap();
+        let sc = ck.header.loss_scaler.expect("scaler state saved");
+        assert_eq!((sc.scale, sc.good_steps), (4096.0, 2));
+
+        // 2^130 is infinite in f32: the first steps overflow and are skipped until 2^127 > scale
+        // x (gradient) stops overflowing.
+        let over = precision_run(
+            tmp.path(),
+            &data,
+            "overflow",
+            &["precision.loss_scaling=\"dynamic\"", "precision.init_scale=1.361129467683754e39"],
+        );
+        assert_eq!(over.len(), 8);
+        let skipped = over.iter().take_while(|s| s.grad_norm.is_nan()).count();
+        assert!((1..8).contains(&skipped), "skipped {skipped}: {over:?}");
+        assert!(over[skipped..].iter().all(|s| s.grad_norm.is_finite() && s.loss.is_finite()));
+        // Skipped steps still count: the lr schedule advances through them (as with GradScaler).
+        assert_eq!(over[7].lr.to_bits(), plain[7].lr.to_bits());
     }
 
     /// Dalle target with the random micro tokenizer (saved in the checkpoint) and gradient
