@@ -516,14 +516,20 @@ impl Reader {
                 let _ = self.err_tx.send_blocking(Err(LoaderError::NoData { rank: cfg.rank, epoch }));
                 return Err(Halt::Stop);
             }
+            // Drain the shuffle buffer at the end of every pass, so that every sample of the
+            // pass is emitted before any sample of the next one: an epoch sees each sample of
+            // its shard list once before a wrap-around repeats any.
+            while let Some(out) = buffer.pop() {
+                if let Some(h) = self.halted(epoch) {
+                    return Err(h);
+                }
+                emit(out, &mut seq)?;
+            }
             if !self.known_length {
                 break;
             }
             // Known epoch length: keep going (wrap around) until the assembler has its batches.
             pass += 1;
-        }
-        while let Some(out) = buffer.pop() {
-            emit(out, &mut seq)?;
         }
         self.job_tx.send(Work::EndOfEpoch { epoch, total: seq }).map_err(|_| Halt::Stop)
     }
