@@ -59,15 +59,7 @@ impl Batch {
 
     /// View 1 as f32 `[B, 3, S, S]`, normalised with the ImageNet mean/std.
     pub fn views_f32(&self) -> Vec<f32> {
-        let plane = self.view_size * self.view_size;
-        let luts: Vec<[f32; 256]> =
-            (0..3).map(|c| std::array::from_fn(|v| (v as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c])).collect();
-        let mut out = Vec::with_capacity(self.views.len());
-        for (i, chunk) in self.views.chunks_exact(plane).enumerate() {
-            let lut = &luts[i % 3];
-            out.extend(chunk.iter().map(|&v| lut[v as usize]));
-        }
-        out
+        normalize_imagenet(&self.views, self.view_size * self.view_size)
     }
 
     /// View 2 as f32 `[B, 3, T, T]` through DALL-E's `map_pixels` (range 0.1..0.9).
@@ -87,6 +79,19 @@ impl Batch {
         }
         m
     }
+}
+
+/// Planar RGB u8 images (`[n, 3, plane]`) as f32 `(x / 255 - mean) / std` per channel, with the
+/// ImageNet mean/std.
+pub fn normalize_imagenet(planar: &[u8], plane: usize) -> Vec<f32> {
+    let luts: Vec<[f32; 256]> =
+        (0..3).map(|c| std::array::from_fn(|v| (v as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c])).collect();
+    let mut out = Vec::with_capacity(planar.len());
+    for (i, chunk) in planar.chunks_exact(plane.max(1)).enumerate() {
+        let lut = &luts[i % 3];
+        out.extend(chunk.iter().map(|&v| lut[v as usize]));
+    }
+    out
 }
 
 impl Drop for Batch {

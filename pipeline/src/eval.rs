@@ -26,7 +26,7 @@ use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 
 use crate::augment::hwc_to_chw;
-use crate::batch::{IMAGENET_MEAN, IMAGENET_STD};
+use crate::batch::normalize_imagenet;
 use crate::decode::{self, RgbImage};
 use crate::http::{HttpConfig, HttpFetcher};
 use crate::loader::{LoaderError, open_shard};
@@ -74,15 +74,7 @@ impl EvalBatch {
     }
     /// The images as f32 `[n, 3, size, size]`, normalised with the ImageNet mean/std.
     pub fn images_f32(&self) -> Vec<f32> {
-        let plane = self.size * self.size;
-        let luts: Vec<[f32; 256]> =
-            (0..3).map(|c| std::array::from_fn(|v| (v as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c])).collect();
-        let mut out = Vec::with_capacity(self.images.len());
-        for (i, chunk) in self.images.chunks_exact(plane).enumerate() {
-            let lut = &luts[i % 3];
-            out.extend(chunk.iter().map(|&v| lut[v as usize]));
-        }
-        out
+        normalize_imagenet(&self.images, self.size * self.size)
     }
 }
 
