@@ -773,6 +773,12 @@ fn run_command(a: RunArgs) -> anyhow::Result<()> {
         config.checkpoint.every = n;
     }
     config.validate()?;
+    if device == DeviceKind::Cpu && config.precision.dtype != Dtype::F32 {
+        bail!(
+            "precision.dtype = {} runs on cuda only (the CPU backend is f32); use --device cuda or drop it",
+            format!("{:?}", config.precision.dtype).to_lowercase()
+        );
+    }
     if config.model.target == crate::model::TargetKind::Pixels
         && a.config.is_none()
         && resume.is_none()
@@ -831,7 +837,7 @@ fn run_command(a: RunArgs) -> anyhow::Result<()> {
     install_signal_handlers(&stop)?;
 
     println!(
-        "run {}: preset {:?}, target {:?}, batch {} x {} accumulation, peak lr {:.3e}, device {}, {:?}{}",
+        "run {}: preset {:?}, target {:?}, batch {} x {} accumulation, peak lr {:.3e}, device {}, {}{}",
         run_dir.display(),
         config.preset,
         config.model.target,
@@ -839,7 +845,7 @@ fn run_command(a: RunArgs) -> anyhow::Result<()> {
         config.optimizer.accumulation_steps,
         config.peak_lr(),
         a.device,
-        config.precision.dtype,
+        format!("{:?}", config.precision.dtype).to_lowercase(),
         if config.precision.scaling() { " with dynamic loss scaling" } else { "" }
     );
     println!("  config      {}", run_dir.join(CONFIG_FILE).display());
@@ -852,12 +858,6 @@ fn run_command(a: RunArgs) -> anyhow::Result<()> {
 
     if a.init_from.is_some() && resume.is_some() {
         bail!("--init-from starts a fresh run; a resumed run takes its weights from the checkpoint");
-    }
-    if device == DeviceKind::Cpu && config.precision.dtype != Dtype::F32 {
-        bail!(
-            "precision.dtype = {:?} runs on cuda only (the CPU backend is f32); use --device cuda or drop it",
-            config.precision.dtype
-        );
     }
     let opts = RunOptions { run_dir, shards, resume, stop, progress: !a.no_progress, init_from: a.init_from.clone() };
     let summary = match device {

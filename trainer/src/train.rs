@@ -627,8 +627,11 @@ mod tests {
         }
     }
 
-    fn precision_run(tmp: &Path, data: &Path, name: &str, extra: &[&str]) -> Vec<StepLog> {
+    /// 8 steps of micro (pixels target) from the weights of `init` (so that runs compared with
+    /// each other start from the same weights even while other tests use burn's global RNG).
+    fn precision_run(tmp: &Path, data: &Path, init: &Path, name: &str, extra: &[&str]) -> Vec<StepLog> {
         let mut sets: Vec<String> = [
+            "model.target=\"pixels\"",
             "data.batch_size=4",
             "data.workers=1",
             "data.shuffle_buffer=8",
@@ -640,7 +643,9 @@ mod tests {
         sets.extend(extra.iter().map(|s| s.to_string()));
         let config = RunConfig::resolve(None, &sets).unwrap();
         let dir = tmp.join(name);
-        run::<AB>(&config, &opts(dir.clone(), data, None), &Default::default()).unwrap();
+        let mut o = opts(dir.clone(), data, None);
+        o.init_from = Some(init.to_path_buf());
+        run::<AB>(&config, &o, &Default::default()).unwrap();
         read_step_log(&dir.join(STEP_LOG)).unwrap()
     }
 
@@ -652,10 +657,20 @@ mod tests {
     fn loss_scaling_is_exact_in_f32_and_skips_overflowing_steps() {
         let tmp = tempfile::tempdir().unwrap();
         let data = shards(tmp.path());
-        let plain = precision_run(tmp.path(), &data, "plain", &[]);
+        // The common initial weights: a 1-step run's checkpoint.
+        let sets: Vec<String> =
+            ["model.target=\"pixels\"", "data.batch_size=4", "data.workers=1", "schedule.total_steps=1"]
+                .map(String::from)
+                .to_vec();
+        let init_dir = tmp.path().join("init");
+        run::<AB>(&RunConfig::resolve(None, &sets).unwrap(), &opts(init_dir.clone(), &data, None), &Default::default())
+            .unwrap();
+        let init = checkpoint::locate(&init_dir).unwrap();
+        let plain = precision_run(tmp.path(), &data, &init, "plain", &[]);
         let scaled = precision_run(
             tmp.path(),
             &data,
+            &init,
             "scaled",
             &["precision.loss_scaling=\"dynamic\"", "precision.init_scale=1024.0", "precision.growth_interval=3"],
         );
@@ -671,6 +686,7 @@ mod tests {
         let over = precision_run(
             tmp.path(),
             &data,
+            &init,
             "overflow",
             &["precision.loss_scaling=\"dynamic\"", "precision.init_scale=1.361129467683754e39"],
         );
