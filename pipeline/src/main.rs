@@ -150,8 +150,9 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
     let read_ms = (s1.read_ns - s0.read_ns) as f64 / (s1.read - s0.read).max(1) as f64 / 1e6;
     let mb_s = (s1.bytes - s0.bytes) as f64 / 1e6 / secs;
 
-    // Decode alone, one thread, on images of the same shards.
-    let (dec_ips, dec_n) = decode_only_rate(&shards, 512)?;
+    // Decode alone, one thread, on the images of the same shards: as many as the pipeline
+    // delivered (so the mean image size is the same; at most 4096 held in memory at once).
+    let (dec_ips, dec_n) = decode_only_rate(&shards, (batches * batch_size).clamp(512, 4096))?;
     let ratio = per_core / dec_ips;
     if json {
         let j = serde_json::json!({
