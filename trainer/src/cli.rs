@@ -298,7 +298,7 @@ fn init_tracing() {
 
 /// A PyTorch file (`.pth`, `.pt`): an mmselfsup checkpoint to import.
 fn is_torch_file(path: &Path) -> bool {
-    path.is_file() && path.extension().is_some_and(|e| e == "pth" || e == "pt" || e == "tar")
+    path.is_file() && crate::model::mmselfsup_weights::is_torch_checkpoint(path)
 }
 
 /// Imports an mmselfsup CAE checkpoint into the preset of matching width and depth.

@@ -15,14 +15,14 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
-use cae_pipeline::batch::{IMAGENET_MEAN, IMAGENET_STD};
+use burn::tensor::{Int, Tensor};
 use cae_pipeline::eval::{EvalBatch, EvalConfig, EvalReader};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::CaeError;
 use crate::export::{RawTensor, write_tensors};
 use crate::model::Encoder;
+use crate::train::normalize_on_device;
 
 /// Features of a shard set, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,10 +80,7 @@ pub fn encode_batch<B: Backend>(
     let (b, s) = (batch.len(), batch.size);
     let [n1, _] = encoder.pos_embed.dims();
     let n = n1 - 1;
-    let raw = Tensor::<B, 4>::from_data(TensorData::new(batch.images.clone(), [b, 3, s, s]), device); // [b,3,s,s]
-    let mean = Tensor::<B, 1>::from_floats(IMAGENET_MEAN, device).reshape([1, 3, 1, 1]);
-    let std = Tensor::<B, 1>::from_floats(IMAGENET_STD, device).reshape([1, 3, 1, 1]);
-    let images = (raw / 255.0 - mean) / std; // [b, 3, s, s]
+    let images = normalize_on_device::<B>(batch.images.clone(), [b, 3, s, s], device); // [b, 3, s, s]
     let all = Tensor::<B, 1, Int>::arange(0..n as i64, device).unsqueeze::<2>().expand([b, n]); // [b, N]
     let x = encoder.forward(images, all); // [b, 1 + N, D]
     let d = x.dims()[2];

@@ -129,6 +129,15 @@ fn index_tensor<B: Backend>(idx: &[u32], b: usize, device: &B::Device) -> Tensor
     Tensor::from_data(TensorData::new(v, [b, n]), device)
 }
 
+/// Planar u8 images `[b, 3, s, s]` uploaded and normalised on the device with the ImageNet
+/// mean/std: `(x / 255 - mean) / std`.
+pub fn normalize_on_device<B: Backend>(pixels: Vec<u8>, shape: [usize; 4], device: &B::Device) -> Tensor<B, 4> {
+    let raw = Tensor::<B, 4>::from_data(TensorData::new(pixels, shape), device); // [b, 3, s, s] 0..255
+    let mean = Tensor::<B, 1>::from_floats(IMAGENET_MEAN, device).reshape([1, 3, 1, 1]);
+    let std = Tensor::<B, 1>::from_floats(IMAGENET_STD, device).reshape([1, 3, 1, 1]);
+    (raw / 255.0 - mean) / std // [b, 3, s, s]
+}
+
 /// Uploads a batch and normalises it on the device; computes the targets (tokenizer or pixels).
 fn upload<B: AutodiffBackend>(
     batch: &Batch,
@@ -148,10 +157,7 @@ fn upload<B: AutodiffBackend>(
             c.num_mask
         )));
     }
-    let raw = Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(batch.views.clone(), [b, 3, s, s]), device); // [b,3,s,s] 0..255
-    let mean = Tensor::<B::InnerBackend, 1>::from_floats(IMAGENET_MEAN, device).reshape([1, 3, 1, 1]);
-    let std = Tensor::<B::InnerBackend, 1>::from_floats(IMAGENET_STD, device).reshape([1, 3, 1, 1]);
-    let images = (raw / 255.0 - mean) / std; // [b, 3, s, s], spec §1 step 6
+    let images = normalize_on_device::<B::InnerBackend>(batch.views.clone(), [b, 3, s, s], device); // spec §1 step 6
     let targets = match (c.target, tokenizer) {
         (TargetKind::Dalle, Some(tok)) => {
             let tv = Tensor::<B::InnerBackend, 4>::from_data(
@@ -563,8 +569,7 @@ fn init_weights<B: AutodiffBackend>(
     config: &RunConfig,
     device: &B::Device,
 ) -> Result<Cae<B>, CaeError> {
-    let torch = path.extension().is_some_and(|e| e == "pth" || e == "pt" || e == "tar");
-    if torch {
+    if crate::model::mmselfsup_weights::is_torch_checkpoint(path) {
         let (model, r) = crate::model::mmselfsup_weights::load_mmselfsup(model, path)?;
         tracing::info!("initial weights from {} ({} form, {} tensors)", path.display(), r.form, r.loaded);
         println!(
