@@ -848,6 +848,13 @@ fn run_command(a: RunArgs) -> anyhow::Result<()> {
         format!("{:?}", config.precision.dtype).to_lowercase(),
         if config.precision.scaling() { " with dynamic loss scaling" } else { "" }
     );
+    if matches!(DeviceKind::parse(&a.device)?, DeviceKind::Cpu) {
+        println!(
+            "  threads     {} for the step (burn-flex on rayon; RAYON_NUM_THREADS), {} decode workers (data.workers)",
+            rayon::current_num_threads(),
+            config.data.worker_count()
+        );
+    }
     println!("  config      {}", run_dir.join(CONFIG_FILE).display());
     println!("  step log    {}", run_dir.join(STEP_LOG).display());
     println!("  checkpoints {}", run_dir.join(checkpoint::CHECKPOINT_DIR).display());
