@@ -59,6 +59,13 @@ fn fingerprint(b: &Batch) -> Fingerprint {
     }
 }
 
+/// The shard list of a directory and its total sample count (from the manifest).
+fn shard_specs(dir: &Path) -> (Vec<ShardSpec>, u64) {
+    let specs = source::expand(dir.to_str().unwrap()).unwrap();
+    let total = specs.iter().map(|s| s.samples.unwrap()).sum();
+    (specs, total)
+}
+
 fn run_all(cfg: LoaderConfig, shards: Vec<ShardSpec>, start: LoaderState) -> Vec<(Fingerprint, LoaderState)> {
     let loader = Loader::new(cfg, shards, start).expect("loader");
     let mut out = Vec::new();
@@ -72,9 +79,7 @@ fn run_all(cfg: LoaderConfig, shards: Vec<ShardSpec>, start: LoaderState) -> Vec
 #[test]
 fn same_seed_gives_identical_batches_with_1_and_2_workers() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = shards(tmp.path());
-    let specs = source::expand(dir.to_str().unwrap()).unwrap();
-    let total: u64 = specs.iter().map(|s| s.samples.unwrap()).sum();
+    let (specs, total) = shard_specs(&shards(tmp.path()));
     let c = |w| LoaderConfig { epochs: Some(2), ..cfg(w) };
     let one = run_all(c(1), specs.clone(), LoaderState::default());
     let two = run_all(c(2), specs.clone(), LoaderState::default());
@@ -99,8 +104,7 @@ fn same_seed_gives_identical_batches_with_1_and_2_workers() {
 #[test]
 fn resume_yields_exactly_the_batches_that_would_have_come_next() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = shards(tmp.path());
-    let specs = source::expand(dir.to_str().unwrap()).unwrap();
+    let (specs, _) = shard_specs(&shards(tmp.path()));
     let c = LoaderConfig { epochs: Some(2), ..cfg(2) };
     let full = run_all(c.clone(), specs.clone(), LoaderState::default());
     let per_epoch = full.iter().filter(|(f, _)| f.epoch == 0).count();
@@ -120,9 +124,7 @@ fn resume_yields_exactly_the_batches_that_would_have_come_next() {
 #[test]
 fn every_rank_yields_the_same_number_of_batches() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = shards(tmp.path());
-    let specs = source::expand(dir.to_str().unwrap()).unwrap();
-    let total: u64 = specs.iter().map(|s| s.samples.unwrap()).sum();
+    let (specs, total) = shard_specs(&shards(tmp.path()));
     for world in [2usize, 3] {
         let mut counts = Vec::new();
         let mut keys: Vec<HashSet<String>> = Vec::new();
@@ -438,9 +440,7 @@ fn eval_reader_yields_every_sample_once_in_order_and_skips_bad_ones() {
 #[test]
 fn an_epoch_sees_distinct_samples_before_any_repeat() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = shards(tmp.path());
-    let specs = source::expand(dir.to_str().unwrap()).unwrap();
-    let total: u64 = specs.iter().map(|s| s.samples.unwrap()).sum();
+    let (specs, total) = shard_specs(&shards(tmp.path()));
     let c = LoaderConfig { epochs: Some(2), ..cfg(2) };
     let batches = run_all(c, specs, LoaderState::default());
     for epoch in 0..2 {

@@ -4,29 +4,11 @@
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Distribution, Tensor};
+use cae_trainer::bench::synthetic_mask;
 use cae_trainer::model::{Cae, CaeConfig, CaeTargets, mask_index_tensors, pixel_targets};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 type AB = Autodiff<Flex>;
-
-/// A fixed mask with exactly `num_mask` patches per row: the first `num_mask` positions of a
-/// walk with a stride coprime to `num_patches` (so it visits every patch).
-fn mask(batch: usize, num_patches: usize, num_mask: usize) -> Vec<bool> {
-    let gcd = |mut a: usize, mut b: usize| {
-        while b != 0 {
-            (a, b) = (b, a % b);
-        }
-        a
-    };
-    let stride = (7..).find(|&s| gcd(s, num_patches) == 1).unwrap_or(1);
-    let mut m = vec![false; batch * num_patches];
-    for b in 0..batch {
-        for i in 0..num_mask {
-            m[b * num_patches + (b + i * stride) % num_patches] = true;
-        }
-    }
-    m
-}
 
 fn bench_preset(c: &mut Criterion, name: &str, mut cfg: CaeConfig, batch: usize) {
     cfg.target = cae_trainer::model::TargetKind::Pixels;
@@ -38,7 +20,7 @@ fn bench_preset(c: &mut Criterion, name: &str, mut cfg: CaeConfig, batch: usize)
     let images = Tensor::<AB, 4>::random([batch, 3, s, s], Distribution::Normal(0.0, 1.0), &dev);
     let targets = CaeTargets::Pixels(pixel_targets(images.clone(), cfg.patch_size));
     let (vis, msk) =
-        mask_index_tensors::<AB>(&mask(batch, n, cfg.num_mask), batch, n, cfg.num_mask, &dev).expect("mask");
+        mask_index_tensors::<AB>(&synthetic_mask(batch, n, cfg.num_mask), batch, n, cfg.num_mask, &dev).expect("mask");
     let mut group = c.benchmark_group("cae_step");
     group.sample_size(10);
     group.bench_function(format!("{name}_b{batch}"), |bch| {

@@ -27,7 +27,7 @@ pub struct BenchResult {
 
 /// A fixed mask with exactly `num_mask` patches per row: patch i of sample b is masked when
 /// `(37 i + 11 b) mod N < num_mask` (a bijection of the patches whenever gcd(37, N) = 1).
-fn synthetic_mask(batch: usize, n: usize, num_mask: usize) -> Vec<bool> {
+pub fn synthetic_mask(batch: usize, n: usize, num_mask: usize) -> Vec<bool> {
     (0..batch).flat_map(|b| (0..n).map(move |i| (37 * i + 11 * b) % n < num_mask)).collect()
 }
 
