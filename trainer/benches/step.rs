@@ -24,10 +24,13 @@ fn bench_preset(c: &mut Criterion, name: &str, mut cfg: CaeConfig, batch: usize)
     let mut group = c.benchmark_group("cae_step");
     group.sample_size(10);
     group.bench_function(format!("{name}_b{batch}"), |bch| {
+        // On a worker of the rayon pool, as `trainer` runs its commands (see `cli::main_from`).
         bch.iter(|| {
-            let out = model.forward(images.clone(), vis.clone(), msk.clone(), &targets).expect("forward");
-            let grads = out.loss.backward();
-            std::hint::black_box(grads);
+            rayon::scope(|_| {
+                let out = model.forward(images.clone(), vis.clone(), msk.clone(), &targets).expect("forward");
+                let grads = out.loss.backward();
+                std::hint::black_box(grads);
+            })
         })
     });
     group.finish();

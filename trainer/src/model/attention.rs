@@ -5,6 +5,7 @@ use burn::nn::Linear;
 use burn::tensor::{Tensor, activation::softmax, backend::Backend};
 
 use super::init::{constant, xavier_linear};
+use super::linear::token_linear;
 
 /// Splits `[b, n, d]` into heads `[b, h, n, d/h]` (head i = channels `i·d/h .. (i+1)·d/h`).
 fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
@@ -79,7 +80,7 @@ impl<B: Backend> Attention<B> {
 
     /// Forward with an explicit fused bias `[3d]` (used to check that a k bias cancels, spec §2.4).
     pub fn forward_with_qkv_bias(&self, x: Tensor<B, 3>, qkv_bias: Tensor<B, 1>) -> Tensor<B, 3> {
-        let qkv = self.qkv.forward(x) + qkv_bias.unsqueeze::<3>(); // [b, n, 3d]
+        let qkv = token_linear(&self.qkv, x) + qkv_bias.unsqueeze::<3>(); // [b, n, 3d]
         let mut parts = qkv.chunk(3, 2).into_iter(); // 3 x [b, n, d]
         let (q, k, v) = match (parts.next(), parts.next(), parts.next()) {
             (Some(q), Some(k), Some(v)) => (q, k, v),
@@ -87,6 +88,6 @@ impl<B: Backend> Attention<B> {
             _ => unreachable!("chunk(3) of a 3d-wide axis yields 3 parts"),
         };
         let out = multi_head_attention(q, k, v, self.num_heads); // [b, n, d]
-        self.proj.forward(out) // [b, n, d]
+        token_linear(&self.proj, out) // [b, n, d]
     }
 }

@@ -2,10 +2,12 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, Linear};
-use burn::tensor::{Distribution, Tensor, activation::gelu, backend::Backend};
+use burn::tensor::{Distribution, Tensor, backend::Backend};
 
 use super::attention::Attention;
+use super::gelu::gelu;
 use super::init::{constant, layer_norm, xavier_linear};
+use super::linear::token_linear;
 
 /// FFN = Linear(D, M) -> GELU (exact erf) -> Linear(M, D) (MMCV `FFN`, spec §2.1).
 ///
@@ -28,7 +30,7 @@ impl<B: Backend> Ffn<B> {
 
     /// `[b, n, d]` -> `[b, n, d]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc2.forward(gelu(self.fc1.forward(x))) // [b, n, d]
+        token_linear(&self.fc2, gelu(token_linear(&self.fc1, x))) // [b, n, d]
     }
 }
 

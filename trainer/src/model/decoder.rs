@@ -7,6 +7,7 @@ use burn::tensor::{Tensor, backend::Backend};
 use super::block::{Block, drop_path_schedule};
 use super::config::CaeConfig;
 use super::init::{TRUNC_NORMAL_STD, layer_norm, trunc_normal, xavier_linear};
+use super::linear::token_linear;
 
 /// `y = latent_pred + p_m` -> pre-norm blocks -> LN_dec -> head.
 ///
@@ -45,6 +46,6 @@ impl<B: Backend> Decoder<B> {
         for layer in &self.layers {
             y = layer.forward(y); // [b, n_mask, d]
         }
-        self.head.forward(self.norm_decoder.forward(y)) // [b, n_mask, out]
+        token_linear(&self.head, self.norm_decoder.forward(y)) // [b, n_mask, out]
     }
 }

@@ -8,6 +8,7 @@ use super::attention::multi_head_attention;
 use super::block::{Ffn, drop_path, drop_path_schedule};
 use super::config::CaeConfig;
 use super::init::{TRUNC_NORMAL_STD, constant, layer_norm, trunc_normal, xavier_linear};
+use super::linear::token_linear;
 
 /// Cross-attention with separate q/k/v projections (no Linear bias), learnable q_bias and v_bias,
 /// k bias fixed at 0, output projection with bias.
@@ -48,11 +49,11 @@ impl<B: Backend> CrossAttention<B> {
     /// # Shapes
     /// - q: `[b, nq, d]`, k: `[b, nk, d]`, v: `[b, nk, d]` -> `[b, nq, d]`
     pub fn forward(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
-        let q = self.q.forward(q) + self.q_bias.val().unsqueeze::<3>(); // [b, nq, d]
-        let k = self.k.forward(k); // [b, nk, d]
-        let v = self.v.forward(v) + self.v_bias.val().unsqueeze::<3>(); // [b, nk, d]
+        let q = token_linear(&self.q, q) + self.q_bias.val().unsqueeze::<3>(); // [b, nq, d]
+        let k = token_linear(&self.k, k); // [b, nk, d]
+        let v = token_linear(&self.v, v) + self.v_bias.val().unsqueeze::<3>(); // [b, nk, d]
         let out = multi_head_attention(q, k, v, self.num_heads); // [b, nq, d]
-        self.proj.forward(out) // [b, nq, d]
+        token_linear(&self.proj, out) // [b, nq, d]
     }
 }
 

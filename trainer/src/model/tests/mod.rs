@@ -5,7 +5,7 @@ mod dalle;
 mod forward;
 mod init;
 mod params;
-mod reference;
+pub mod reference;
 mod training;
 mod units;
 
