@@ -2,12 +2,14 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::{Tensor, activation::softmax, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
 
+use super::fused::softmax_last;
 use super::init::{constant, xavier_linear};
 use super::linear::token_linear;
 
 /// Splits `[b, n, d]` into heads `[b, h, n, d/h]` (head i = channels `i·d/h .. (i+1)·d/h`).
+/// A view: no copy when `x` is contiguous.
 fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
     let [b, n, d] = x.dims();
     x.reshape([b, n, heads, d / heads]).swap_dims(1, 2) // [b, h, n, hd]
@@ -18,13 +20,29 @@ fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
 /// # Shapes
 /// - q: `[b, nq, d]`, k: `[b, nk, d]` -> `[b, h, nq, nk]`
 pub fn attention_weights<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
-    let hd = q.dims()[2] / heads;
-    let q = split_heads(q, heads) * (hd as f64).powf(-0.5); // [b, h, nq, hd]
-    let k = split_heads(k, heads); // [b, h, nk, hd]
-    softmax(q.matmul(k.swap_dims(2, 3)), 3) // [b, h, nq, nk]
+    head_weights(split_heads(q, heads), split_heads(k, heads))
 }
 
-/// softmax(Q·Kᵀ·scale)·V over `heads` heads, the shared core of self- and cross-attention.
+/// softmax(Q·Kᵀ·hd^-0.5) on per-head tensors. The scale multiplies the (contiguous) scores, as
+/// PyTorch's reference attention does, rather than a strided view of Q.
+///
+/// # Shapes
+/// - q: `[b, h, nq, hd]`, k: `[b, h, nk, hd]` (views allowed) -> `[b, h, nq, nk]`
+fn head_weights<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>) -> Tensor<B, 4> {
+    let hd = q.dims()[3];
+    softmax_last(q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5)) // [b, h, nq, nk]
+}
+
+/// softmax(Q·Kᵀ·scale)·V on per-head tensors, heads merged back into channels.
+///
+/// # Shapes
+/// - q: `[b, h, nq, hd]`, k, v: `[b, h, nk, hd]` (views allowed) -> `[b, nq, h·hd]`
+fn attend_heads<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, h, nq, hd] = q.dims();
+    head_weights(q, k).matmul(v).swap_dims(1, 2).reshape([b, nq, h * hd]) // [b, nq, d]
+}
+
+/// softmax(Q·Kᵀ·scale)·V over `heads` heads, the core of the cross-attention.
 ///
 /// # Shapes
 /// - q: `[b, nq, d]`, k: `[b, nk, d]`, v: `[b, nk, d]` (already projected, biases added)
@@ -35,10 +53,7 @@ pub fn multi_head_attention<B: Backend>(
     v: Tensor<B, 3>,
     heads: usize,
 ) -> Tensor<B, 3> {
-    let [b, nq, d] = q.dims();
-    let attn = attention_weights(q, k, heads); // [b, h, nq, nk]
-    let v = split_heads(v, heads); // [b, h, nk, hd]
-    attn.matmul(v).swap_dims(1, 2).reshape([b, nq, d]) // [b, nq, d]
+    attend_heads(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)) // [b, nq, d]
 }
 
 /// Self-attention: `qkv = x·W + [q_bias, 0, v_bias]`, `qkv` Linear without bias, k bias fixed 0.
@@ -80,14 +95,16 @@ impl<B: Backend> Attention<B> {
 
     /// Forward with an explicit fused bias `[3d]` (used to check that a k bias cancels, spec §2.4).
     pub fn forward_with_qkv_bias(&self, x: Tensor<B, 3>, qkv_bias: Tensor<B, 1>) -> Tensor<B, 3> {
+        let [b, n, d] = x.dims();
+        let h = self.num_heads;
         let qkv = token_linear(&self.qkv, x) + qkv_bias.unsqueeze::<3>(); // [b, n, 3d]
-        let mut parts = qkv.chunk(3, 2).into_iter(); // 3 x [b, n, d]
-        let (q, k, v) = match (parts.next(), parts.next(), parts.next()) {
-            (Some(q), Some(k), Some(v)) => (q, k, v),
-            // chunk(3) of a 3d-wide axis always yields three equal parts.
-            _ => unreachable!("chunk(3) of a 3d-wide axis yields 3 parts"),
-        };
-        let out = multi_head_attention(q, k, v, self.num_heads); // [b, n, d]
+        // Channel c = (part·h + head)·hd + j, so one reshape + swap gives every part's heads as
+        // strided views (q = parts 0..h, k = h..2h, v = 2h..3h) that the matmuls read in place.
+        let heads = qkv.reshape([b, n, 3 * h, d / h]).swap_dims(1, 2); // [b, 3h, n, hd]
+        let q = heads.clone().narrow(1, 0, h); // [b, h, n, hd]
+        let k = heads.clone().narrow(1, h, h); // [b, h, n, hd]
+        let v = heads.narrow(1, 2 * h, h); // [b, h, n, hd]
+        let out = attend_heads(q, k, v); // [b, n, d]
         token_linear(&self.proj, out) // [b, n, d]
     }
 }

@@ -5,7 +5,7 @@ use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{Distribution, Tensor, backend::Backend};
 
 use super::attention::Attention;
-use super::gelu::gelu;
+use super::fused::{self, gelu};
 use super::init::{constant, layer_norm, xavier_linear};
 use super::linear::token_linear;
 
@@ -63,6 +63,8 @@ pub struct Block<B: Backend> {
     pub gamma_2: Param<Tensor<B, 1>>,
     /// Drop-path rate of this block.
     pub drop_path: f64,
+    /// Epsilon of its LayerNorms (burn's `LayerNorm` keeps its own private).
+    pub ln_eps: f64,
 }
 
 impl<B: Backend> Block<B> {
@@ -84,14 +86,17 @@ impl<B: Backend> Block<B> {
             ffn: Ffn::new(dim, mlp_dim, device),
             gamma_2: constant([dim], layer_scale_init, device),
             drop_path,
+            ln_eps,
         }
     }
 
     /// `[b, n, d]` -> `[b, n, d]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let a = self.attn.forward(self.ln1.forward(x.clone())) * self.gamma_1.val().unsqueeze::<3>(); // [b, n, d]
+        let a = self.attn.forward(fused::layer_norm(&self.ln1, self.ln_eps, x.clone()))
+            * self.gamma_1.val().unsqueeze::<3>(); // [b, n, d]
         let x = x + drop_path(a, self.drop_path); // [b, n, d]
-        let f = self.ffn.forward(self.ln2.forward(x.clone())) * self.gamma_2.val().unsqueeze::<3>(); // [b, n, d]
+        let f = self.ffn.forward(fused::layer_norm(&self.ln2, self.ln_eps, x.clone()))
+            * self.gamma_2.val().unsqueeze::<3>(); // [b, n, d]
         x + drop_path(f, self.drop_path) // [b, n, d]
     }
 }

@@ -6,6 +6,7 @@ use burn::tensor::{Tensor, backend::Backend};
 
 use super::block::{Block, drop_path_schedule};
 use super::config::CaeConfig;
+use super::fused;
 use super::init::{TRUNC_NORMAL_STD, layer_norm, trunc_normal, xavier_linear};
 use super::linear::token_linear;
 
@@ -19,6 +20,8 @@ pub struct Decoder<B: Backend> {
     pub layers: Vec<Block<B>>,
     /// LN_dec (MS0 `norm_decoder`).
     pub norm_decoder: LayerNorm<B>,
+    /// Epsilon of its LayerNorms (burn's `LayerNorm` keeps its own private).
+    pub ln_eps: f64,
     /// Prediction head, weight trunc-normal 0.02, bias 0 (spec §2.6).
     pub head: Linear<B>,
 }
@@ -36,7 +39,7 @@ impl<B: Backend> Decoder<B> {
         let out = config.head_out_dim();
         let mut head = xavier_linear(d, out, true, device);
         head.weight = trunc_normal([d, out], TRUNC_NORMAL_STD, device);
-        Self { layers, norm_decoder: layer_norm(d, config.ln_eps, device), head }
+        Self { layers, norm_decoder: layer_norm(d, config.ln_eps, device), ln_eps: config.ln_eps, head }
     }
 
     /// # Shapes
@@ -46,6 +49,6 @@ impl<B: Backend> Decoder<B> {
         for layer in &self.layers {
             y = layer.forward(y); // [b, n_mask, d]
         }
-        token_linear(&self.head, self.norm_decoder.forward(y)) // [b, n_mask, out]
+        token_linear(&self.head, fused::layer_norm(&self.norm_decoder, self.ln_eps, y)) // [b, n_mask, out]
     }
 }

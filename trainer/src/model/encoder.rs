@@ -7,6 +7,7 @@ use burn::tensor::{Int, Tensor, backend::Backend};
 
 use super::block::{Block, drop_path_schedule};
 use super::config::CaeConfig;
+use super::fused;
 use super::init::{TRUNC_NORMAL_STD, layer_norm, patch_conv, trunc_normal};
 use super::pos_embed::sincos_pos_embed;
 
@@ -49,6 +50,8 @@ pub struct Encoder<B: Backend> {
     pub layers: Vec<Block<B>>,
     /// Final LayerNorm after the last block (MS0 `ln1`).
     pub ln1: LayerNorm<B>,
+    /// Epsilon of its LayerNorms (burn's `LayerNorm` keeps its own private).
+    pub ln_eps: f64,
 }
 
 impl<B: Backend> Encoder<B> {
@@ -67,6 +70,7 @@ impl<B: Backend> Encoder<B> {
             pos_embed: sincos_pos_embed(config.grid_size(), d, device),
             layers,
             ln1: layer_norm(d, config.ln_eps, device),
+            ln_eps: config.ln_eps,
         }
     }
 
@@ -97,7 +101,7 @@ impl<B: Backend> Encoder<B> {
         for layer in &self.layers {
             x = layer.forward(x); // [b, 1 + n_vis, d]
         }
-        self.ln1.forward(x) // [b, 1 + n_vis, d]
+        fused::layer_norm(&self.ln1, self.ln_eps, x) // [b, 1 + n_vis, d]
     }
 
     /// Number of parameters from their shapes, without initialising lazy ones; excludes the

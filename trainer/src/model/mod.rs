@@ -14,7 +14,7 @@ pub mod dalle;
 pub mod dalle_weights;
 pub mod decoder;
 pub mod encoder;
-pub mod gelu;
+pub mod fused;
 pub mod init;
 pub mod linear;
 pub mod mmselfsup_weights;

@@ -7,6 +7,7 @@ use burn::tensor::{Tensor, backend::Backend};
 use super::attention::multi_head_attention;
 use super::block::{Ffn, drop_path, drop_path_schedule};
 use super::config::CaeConfig;
+use super::fused;
 use super::init::{TRUNC_NORMAL_STD, constant, layer_norm, trunc_normal, xavier_linear};
 use super::linear::token_linear;
 
@@ -85,6 +86,8 @@ pub struct RegressorLayer<B: Backend> {
     pub gamma_2: Param<Tensor<B, 1>>,
     /// Drop-path rate.
     pub drop_path: f64,
+    /// Epsilon of its LayerNorms (burn's `LayerNorm` keeps its own private).
+    pub ln_eps: f64,
 }
 
 impl<B: Backend> RegressorLayer<B> {
@@ -101,6 +104,7 @@ impl<B: Backend> RegressorLayer<B> {
             ffn: Ffn::new(d, config.mlp_dim, device),
             gamma_2: constant([d], config.layer_scale_init, device),
             drop_path,
+            ln_eps: eps,
         }
     }
 
@@ -116,12 +120,12 @@ impl<B: Backend> RegressorLayer<B> {
         let kv = Tensor::cat(vec![x_vis, q.clone()], 1); // [b, N, d]
         let pos_kv = Tensor::cat(vec![pos_vis, pos_mask.clone()], 1); // [b, N, d]
         let out = self.cross_attn.forward(
-            self.norm1_q.forward(q.clone() + pos_mask), // [b, n_mask, d]
-            self.norm1_k.forward(kv.clone() + pos_kv),  // [b, N, d]
-            self.norm1_v.forward(kv),                   // [b, N, d] — values carry no position embedding
+            fused::layer_norm(&self.norm1_q, self.ln_eps, q.clone() + pos_mask), // [b, n_mask, d]
+            fused::layer_norm(&self.norm1_k, self.ln_eps, kv.clone() + pos_kv),  // [b, N, d]
+            fused::layer_norm(&self.norm1_v, self.ln_eps, kv), // [b, N, d] — values carry no position embedding
         ); // [b, n_mask, d]
         let x = q + drop_path(out * self.gamma_1.val().unsqueeze::<3>(), self.drop_path); // [b, n_mask, d]
-        let x = self.norm2.forward(x); // [b, n_mask, d]
+        let x = fused::layer_norm(&self.norm2, self.ln_eps, x); // [b, n_mask, d]
         let f = self.ffn.forward(x.clone()) * self.gamma_2.val().unsqueeze::<3>(); // [b, n_mask, d]
         x + drop_path(f, self.drop_path) // [b, n_mask, d]
     }
@@ -136,6 +140,8 @@ pub struct Regressor<B: Backend> {
     pub layers: Vec<RegressorLayer<B>>,
     /// LN_reg after the last layer (MS0 `norm_regressor`).
     pub norm_regressor: LayerNorm<B>,
+    /// Epsilon of its LayerNorms (burn's `LayerNorm` keeps its own private).
+    pub ln_eps: f64,
 }
 
 impl<B: Backend> Regressor<B> {
@@ -149,6 +155,7 @@ impl<B: Backend> Regressor<B> {
             mask_token: trunc_normal([1, 1, config.embed_dim], TRUNC_NORMAL_STD, device),
             layers,
             norm_regressor: layer_norm(config.embed_dim, config.ln_eps, device),
+            ln_eps: config.ln_eps,
         }
     }
 
@@ -162,6 +169,6 @@ impl<B: Backend> Regressor<B> {
         for layer in &self.layers {
             q = layer.forward(q, x_vis.clone(), pos_mask.clone(), pos_vis.clone()); // [b, n_mask, d]
         }
-        self.norm_regressor.forward(q) // [b, n_mask, d]
+        fused::layer_norm(&self.norm_regressor, self.ln_eps, q) // [b, n_mask, d]
     }
 }

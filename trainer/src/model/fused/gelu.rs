@@ -1,75 +1,27 @@
-//! Exact GELU, `x·Φ(x) = ½·x·(1 + erf(x/√2))` (spec §2.1 "exact GELU"), with a fast CPU path.
-//!
-//! burn-flex evaluates GELU and its derivative one element at a time through libm's scalar
-//! `erff`, on one thread: 17% of a `tiny` training step on CPU (perf, criterion `step`). On the
-//! CPU backend in f32 this module runs its own kernels instead: a branch-free rational `erf`
-//! that the compiler vectorises, split over rayon's pool, forward and backward (registered with
-//! burn's autodiff as a custom op). Every other backend, dtype and checkpointing strategy calls
-//! burn's `gelu`, so the CUDA path is unchanged. The backend is recognised by its concrete type
-//! at run time (`Any`), which keeps the model generic over plain `Backend`.
+//! Exact GELU, `x·Φ(x) = ½·x·(1 + erf(x/√2))` (spec §2.1 "exact GELU"): a branch-free
+//! rational `erf` that the compiler vectorises, split over rayon's pool, forward and backward.
 
-use std::any::{Any, TypeId};
-
+use burn::backend::Flex;
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorData, TensorMetadata, TensorPrimitive, activation};
+use burn::tensor::{Tensor, TensorMetadata, activation};
 use burn_flex::FlexTensor;
-use rayon::prelude::*;
 
-/// The float primitive of `Autodiff<Flex>` (burn's `AutodiffTensor<Flex>`).
-type AutodiffFlexTensor = burn::tensor::ops::FloatTensor<Autodiff<Flex>>;
-
-/// Elements per rayon task; smaller tensors run on the calling thread.
-const CHUNK: usize = 16 * 1024;
+use super::{AutodiffFlexTensor, CHUNK, Cpu, classify, fill_chunks, from_primitive, tensor, values};
 
 /// `1/√(2π)`, the normal density's constant.
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
-/// Exact (erf) GELU of every element; see the module docs for which kernel runs.
+/// Exact (erf) GELU of every element; see the [module docs](super) for which kernel runs.
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let backend = TypeId::of::<B>();
-    let fast =
-        x.dtype() == DType::F32 && (backend == TypeId::of::<Autodiff<Flex>>() || backend == TypeId::of::<Flex>());
-    if !fast {
-        return activation::gelu(x);
-    }
-    let p = x.into_primitive().tensor();
-    let p = match cast::<_, AutodiffFlexTensor>(p) {
-        Ok(t) => return from_primitive(cast_back(gelu_autodiff(t))),
-        Err(p) => p,
-    };
-    match cast::<_, FlexTensor>(p) {
-        Ok(t) => from_primitive(cast_back(gelu_forward(&t))),
-        Err(p) => activation::gelu(from_primitive(p)),
-    }
-}
-
-fn from_primitive<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(p))
-}
-
-/// `t` as a `U` when `T` is `U`, else `t` back.
-fn cast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
-    let mut slot = Some(t);
-    if let Some(u) = (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>().and_then(Option::take) {
-        return Ok(u);
-    }
-    match slot {
-        Some(t) => Err(t),
-        None => unreachable!("the slot is emptied only by a successful downcast"),
-    }
-}
-
-/// The way back of a successful [`cast`]: the types are known to be equal.
-fn cast_back<T: 'static, U: 'static>(t: T) -> U {
-    match cast::<T, U>(t) {
-        Ok(u) => u,
-        Err(_) => unreachable!("called only after the opposite cast succeeded"),
+    match classify(x) {
+        Cpu::Tracked(t) => tensor(gelu_autodiff(t)),
+        Cpu::Plain(t) => tensor(gelu_forward(&t)),
+        Cpu::Other(p) => activation::gelu(from_primitive(p)),
     }
 }
 
@@ -129,30 +81,11 @@ fn normal_cdf(x: f32) -> f32 {
     0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// The contiguous f32 values of `t` (a copy only when `t` is a strided view).
-fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
-    match t.as_slice::<f32>() {
-        Some(s) => std::borrow::Cow::Borrowed(s),
-        None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().map(<[f32]>::to_vec).unwrap_or_default()),
-    }
-}
-
-/// `f(x_chunk, out_chunk)` over `x` in parallel chunks, into a new tensor of `shape`.
-fn map_chunks(x: &[f32], shape: burn::tensor::Shape, f: impl Fn(usize, &[f32], &mut [f32]) + Sync) -> FlexTensor {
-    let mut out = vec![0.0f32; x.len()];
-    if x.len() <= CHUNK {
-        f(0, x, &mut out);
-    } else {
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(i, (o, x))| f(i * CHUNK, x, o));
-    }
-    FlexTensor::from_data(TensorData::new(out, shape))
-}
-
 /// Forward kernel: `½·x·(1 + erf(x/√2))`.
 fn gelu_forward(x: &FlexTensor) -> FlexTensor {
     let xs = values(x);
-    map_chunks(&xs, x.shape(), |_, x, out| {
-        for (o, &x) in out.iter_mut().zip(x) {
+    fill_chunks(x.shape(), CHUNK, |start, out| {
+        for (o, &x) in out.iter_mut().zip(&xs[start..]) {
             *o = x * normal_cdf(x);
         }
     })
@@ -161,9 +94,8 @@ fn gelu_forward(x: &FlexTensor) -> FlexTensor {
 /// Backward kernel: `g · (Φ(x) + x·φ(x))`, φ(x) = e^(-x²/2)/√(2π).
 fn gelu_backward(x: &FlexTensor, g: &FlexTensor) -> FlexTensor {
     let (xs, gs) = (values(x), values(g));
-    map_chunks(&xs, x.shape(), |start, x, out| {
-        let g = &gs[start..start + x.len()];
-        for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
+    fill_chunks(x.shape(), CHUNK, |start, out| {
+        for ((o, &x), &g) in out.iter_mut().zip(&xs[start..]).zip(&gs[start..]) {
             *o = g * (normal_cdf(x) + x * INV_SQRT_2PI * (-0.5 * x * x).exp());
         }
     })
@@ -174,7 +106,7 @@ mod tests {
     use super::*;
     use crate::model::tests::reference;
     use crate::model::tests::{AB, B as Fx, device, max_abs_diff, to_vec};
-    use burn::tensor::Distribution;
+    use burn::tensor::{DType, Distribution};
 
     /// The rational erf against the test suite's independent erf (Numerical Recipes' erfc fit,
     /// f64) on a dense grid over [-6, 6].

@@ -1,0 +1,121 @@
+//! Fused CPU kernels for the element- and row-wise ops of a ViT step: exact GELU, softmax over
+//! the last axis, and LayerNorm, each forward and backward.
+//!
+//! burn 0.21 has no fused backward for these on its autodiff backend: softmax and LayerNorm
+//! run as chains of 5-9 tracked ops (max, sub, exp, sum, div, ...), and burn-flex evaluates
+//! GELU one element at a time through libm's scalar `erff`. Together they were a third of a
+//! `tiny` CPU training step (perf, criterion `step`). Here, on the CPU backend in f32
+//! (`Flex` / `Autodiff<Flex>`), each op is one forward kernel (burn-flex's own where it has a
+//! fused one) and one backward kernel registered with burn's autodiff as a custom op. Every
+//! other backend, dtype and checkpointing strategy calls burn's composite, so the CUDA path
+//! is unchanged. The backend is recognised by its concrete type at run time (`Any`), which
+//! keeps the model generic over plain `Backend`.
+//!
+//! Determinism: every kernel computes each output element (and each chunk's partial sum, see
+//! [`layer_norm`]) in a fixed order, independent of the number of threads.
+
+mod gelu;
+mod layer_norm;
+mod softmax;
+
+pub use gelu::gelu;
+pub use layer_norm::layer_norm;
+pub use softmax::softmax_last;
+
+use std::any::{Any, TypeId};
+use std::borrow::Cow;
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+/// The float primitive of `Autodiff<Flex>` (burn's `AutodiffTensor<Flex>`).
+type AutodiffFlexTensor = burn::tensor::ops::FloatTensor<Autodiff<Flex>>;
+
+/// Elements per rayon task for element-wise kernels; smaller tensors run on the calling thread.
+const CHUNK: usize = 16 * 1024;
+
+/// The primitive of a tensor on the CPU backend, tracked or not, when the fast path applies.
+enum Cpu<P> {
+    /// `Autodiff<Flex>` (its default, non-checkpointing strategy).
+    Tracked(AutodiffFlexTensor),
+    /// Plain `Flex` (inference, the teacher's inner backend).
+    Plain(FlexTensor),
+    /// Any other backend or dtype: use burn's op on the original primitive.
+    Other(P),
+}
+
+/// Sorts `x`'s primitive into the [`Cpu`] cases.
+fn classify<B: Backend, const D: usize>(x: Tensor<B, D>) -> Cpu<B::FloatTensorPrimitive> {
+    let backend = TypeId::of::<B>();
+    let fast =
+        x.dtype() == DType::F32 && (backend == TypeId::of::<Autodiff<Flex>>() || backend == TypeId::of::<Flex>());
+    let p = x.into_primitive().tensor();
+    if !fast {
+        return Cpu::Other(p);
+    }
+    let p = match cast::<_, AutodiffFlexTensor>(p) {
+        Ok(t) => return Cpu::Tracked(t),
+        Err(p) => p,
+    };
+    match cast::<_, FlexTensor>(p) {
+        Ok(t) => Cpu::Plain(t),
+        Err(p) => Cpu::Other(p),
+    }
+}
+
+/// A tensor of `B` from a primitive of the same concrete type `P` (checked by [`classify`]).
+fn tensor<B: Backend, P: 'static, const D: usize>(p: P) -> Tensor<B, D> {
+    match cast::<P, B::FloatTensorPrimitive>(p) {
+        Ok(p) => Tensor::from_primitive(TensorPrimitive::Float(p)),
+        Err(_) => unreachable!("the primitive was classified as this backend's"),
+    }
+}
+
+/// A tensor of `B` from its own primitive.
+fn from_primitive<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+/// `t` as a `U` when `T` is `U`, else `t` back.
+fn cast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
+    let mut slot = Some(t);
+    if let Some(u) = (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>().and_then(Option::take) {
+        return Ok(u);
+    }
+    match slot {
+        Some(t) => Err(t),
+        None => unreachable!("the slot is emptied only by a successful downcast"),
+    }
+}
+
+/// The row-major f32 values of `t` (a copy only when `t` is a strided view).
+fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(t.to_contiguous().as_slice::<f32>().map(<[f32]>::to_vec).unwrap_or_default()),
+    }
+}
+
+/// A new f32 tensor of `shape` whose chunks `f(start, out_chunk)` fills in parallel (chunks of
+/// `chunk` elements; one call when the tensor is no larger than a chunk).
+fn fill_chunks(shape: Shape, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> FlexTensor {
+    let mut out = vec![0.0f32; shape.num_elements()];
+    if out.len() <= chunk {
+        f(0, &mut out);
+    } else {
+        out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| f(i * chunk, o));
+    }
+    FlexTensor::from_data(TensorData::new(out, shape))
+}
+
+/// The primitive of `t`, whose backend the caller has already classified as having primitive
+/// type `P` (another tensor of the same `B` came out of [`classify`] as `P`).
+fn primitive<B: Backend, P: 'static, const D: usize>(t: Tensor<B, D>) -> P {
+    match cast::<B::FloatTensorPrimitive, P>(t.into_primitive().tensor()) {
+        Ok(p) => p,
+        Err(_) => unreachable!("a tensor of the same backend was classified as this primitive"),
+    }
+}
