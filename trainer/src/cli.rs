@@ -274,6 +274,12 @@ pub fn main_from<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) 
     // parallel kernel would be injected into the pool while this thread sleeps on a latch; from
     // inside, it keeps half of the work and the other workers steal the rest. Measured on the
     // 2-core CI machine (criterion `step`, tiny b2): 466 -> 395 ms per step.
+    // Constraints this places on the code: nothing may inject rayon work from another thread
+    // and wait for it while the command blocks (with one rayon thread that would deadlock; the
+    // pipeline's threads and tokio never use rayon), and the pool is built here, once: its
+    // workers get the main thread's 8 MiB of stack (threads default to 2 MiB) and
+    // RAYON_NUM_THREADS still sets their number.
+    let _already_built = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build_global();
     rayon::scope(|_| dispatch(cli))
 }
 

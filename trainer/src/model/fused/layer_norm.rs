@@ -1,8 +1,11 @@
-//! LayerNorm over the last axis: burn-flex's fused row kernel forward (SIMD, rayon), and one
-//! row-wise backward for x, γ and β instead of burn's nine-op chain and its backward.
+//! LayerNorm over the last axis: one row-wise forward kernel and one row-wise backward for x, γ
+//! and β instead of burn's nine-op chain and its backward.
 //!
 //! With `x̂ = (x − μ)·r`, `r = 1/√(σ² + ε)`, `y = γ⊙x̂ + β` and upstream gradient `g`, per row:
 //! `dx = r·(g⊙γ − mean(g⊙γ) − x̂·mean(g⊙γ⊙x̂))`, and over all rows `dγ = Σ g⊙x̂`, `dβ = Σ g`.
+//! σ² is computed in two passes (`mean((x − μ)²)`), as burn's composite does, not as
+//! `E[x²] − μ²` (burn-flex's fused forward), which cancels catastrophically for rows whose mean
+//! is large against their spread; the backward reuses the forward's μ and r.
 
 use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -11,8 +14,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::nn::LayerNorm;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::ModuleOps;
-use burn::tensor::{Shape, Tensor, TensorData, TensorMetadata};
+use burn::tensor::{DType, Shape, Tensor, TensorData, TensorMetadata};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
@@ -26,6 +28,9 @@ pub fn layer_norm<B: Backend, const D: usize>(ln: &LayerNorm<B>, eps: f64, x: Te
         return ln.forward(x);
     };
     let gamma = ln.gamma.val();
+    if gamma.dtype() != DType::F32 || beta.dtype() != DType::F32 {
+        return ln.forward(x);
+    }
     match classify(x) {
         Cpu::Tracked(x) => {
             let (gamma, beta) =
@@ -34,27 +39,53 @@ pub fn layer_norm<B: Backend, const D: usize>(ln: &LayerNorm<B>, eps: f64, x: Te
         }
         Cpu::Plain(x) => {
             let (gamma, beta) = (primitive::<B, FlexTensor, 1>(gamma), primitive::<B, FlexTensor, 1>(beta));
-            tensor(forward(x, gamma, beta, eps))
+            tensor(forward(&x, &gamma, &beta, eps).0)
         }
         Cpu::Other(p) => ln.forward(from_primitive(p)),
     }
 }
 
-fn forward(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {
-    <Flex as ModuleOps<Flex>>::layer_norm(x, gamma, Some(beta), eps)
+/// Rows of `dim` values per rayon task.
+fn rows_per_task(dim: usize) -> usize {
+    (CHUNK / dim).max(1)
 }
 
-/// Backward step of the custom op; the state is (x, γ, ε).
+/// `y`, and per row `[μ, r]` for the backward.
+fn forward(x: &FlexTensor, gamma: &FlexTensor, beta: &FlexTensor, eps: f64) -> (FlexTensor, Vec<f32>) {
+    let shape = x.shape();
+    let dim = shape[shape.num_dims() - 1].max(1);
+    let (xs, gammas, betas) = (values(x), values(gamma), values(beta));
+    let eps = eps as f32;
+    let per = rows_per_task(dim);
+    let mut y = vec![0.0f32; xs.len()];
+    let mut stats = vec![0.0f32; 2 * (xs.len() / dim)];
+    y.par_chunks_mut(per * dim).zip(xs.par_chunks(per * dim)).zip(stats.par_chunks_mut(2 * per)).for_each(
+        |((y, x), stats)| {
+            for ((y, x), stat) in y.chunks_mut(dim).zip(x.chunks(dim)).zip(stats.chunks_mut(2)) {
+                let mean = x.iter().sum::<f32>() / dim as f32;
+                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
+                let r = 1.0 / (var + eps).sqrt();
+                for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gammas.iter()).zip(betas.iter()) {
+                    *y = (x - mean) * r * g + b;
+                }
+                stat.copy_from_slice(&[mean, r]);
+            }
+        },
+    );
+    (FlexTensor::from_data(TensorData::new(y, shape)), stats)
+}
+
+/// Backward step of the custom op; the state is (x, γ, per-row [μ, r]).
 #[derive(Debug)]
 struct LayerNormBackward;
 
 impl Backward<Flex, 3> for LayerNormBackward {
-    type State = (FlexTensor, FlexTensor, f64);
+    type State = (FlexTensor, FlexTensor, Vec<f32>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let g = grads.consume::<Flex>(&ops.node);
-        let (x, gamma, eps) = ops.state;
-        let (dx, dgamma, dbeta) = backward(&x, &gamma, &g, eps);
+        let (x, gamma, stats) = ops.state;
+        let (dx, dgamma, dbeta) = backward(&x, &gamma, &stats, &g);
         let [node_x, node_gamma, node_beta] = ops.parents;
         for (node, grad) in [(node_x, dx), (node_gamma, dgamma), (node_beta, dbeta)] {
             if let Some(node) = node {
@@ -70,33 +101,31 @@ fn layer_norm_autodiff(
     beta: AutodiffFlexTensor,
     eps: f64,
 ) -> AutodiffFlexTensor {
-    let y = forward(x.primitive.clone(), gamma.primitive.clone(), beta.primitive.clone(), eps);
+    let (y, stats) = forward(&x.primitive, &gamma.primitive, &beta.primitive, eps);
     let nodes = [x.node.clone(), gamma.node.clone(), beta.node.clone()];
     match LayerNormBackward.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((x.primitive, gamma.primitive, eps), y),
+        OpsKind::Tracked(prep) => prep.finish((x.primitive, gamma.primitive, stats), y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     }
 }
 
 /// (dx, dγ, dβ). Rows go in fixed chunks, each with its own partial dγ/dβ, summed in chunk
 /// order afterwards, so the result does not depend on the number of threads.
-fn backward(x: &FlexTensor, gamma: &FlexTensor, g: &FlexTensor, eps: f64) -> (FlexTensor, FlexTensor, FlexTensor) {
+fn backward(x: &FlexTensor, gamma: &FlexTensor, stats: &[f32], g: &FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
     let shape = x.shape();
     let dim = shape[shape.num_dims() - 1].max(1);
     let (xs, gammas, gs) = (values(x), values(gamma), values(g));
-    let eps = eps as f32;
-    let chunk = (CHUNK / dim).max(1) * dim;
+    let per = rows_per_task(dim);
     let mut dx = vec![0.0f32; xs.len()];
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
-        .par_chunks_mut(chunk)
-        .zip(xs.par_chunks(chunk))
-        .zip(gs.par_chunks(chunk))
-        .map(|((dx, x), g)| {
+        .par_chunks_mut(per * dim)
+        .zip(xs.par_chunks(per * dim))
+        .zip(gs.par_chunks(per * dim))
+        .zip(stats.par_chunks(2 * per))
+        .map(|(((dx, x), g), stats)| {
             let (mut dgamma, mut dbeta, mut xhat) = (vec![0.0f32; dim], vec![0.0f32; dim], vec![0.0f32; dim]);
-            for ((dx, x), g) in dx.chunks_mut(dim).zip(x.chunks(dim)).zip(g.chunks(dim)) {
-                let mean = x.iter().sum::<f32>() / dim as f32;
-                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
-                let r = 1.0 / (var + eps).sqrt();
+            for (((dx, x), g), stat) in dx.chunks_mut(dim).zip(x.chunks(dim)).zip(g.chunks(dim)).zip(stats.chunks(2)) {
+                let (mean, r) = (stat[0], stat[1]);
                 let (mut a, mut b) = (0.0f32, 0.0f32);
                 for i in 0..dim {
                     xhat[i] = (x[i] - mean) * r;
@@ -139,9 +168,11 @@ mod tests {
     fn fused_layer_norm_matches_a_plain_loop_forward_and_backward() {
         let dev = device();
         let eps = 1e-6;
-        for (rows, dim) in [(3, 7), (2 * CHUNK / 48 + 5, 48)] {
+        // The last case has rows with mean 1000 and spread 2: f32 rounding of x alone allows
+        // ~1e-3 there, while E[x²] − μ² would be off by tens of percent.
+        for (rows, dim, mean, tol) in [(3, 7, 0.5, 2e-5), (2 * CHUNK / 48 + 5, 48, 0.5, 2e-5), (4, 192, 1000.0, 1e-2)] {
             let ln = randomize(new_layer_norm::<AB>(dim, eps, &dev), 1.0);
-            let x = Tensor::<Fx, 2>::random([rows, dim], Distribution::Normal(0.5, 2.0), &dev);
+            let x = Tensor::<Fx, 2>::random([rows, dim], Distribution::Normal(mean, 2.0), &dev);
             let w = Tensor::<Fx, 2>::random([rows, dim], Distribution::Normal(0.0, 1.0), &dev);
             let (xs, ws) = (to_vec(x.clone()), to_vec(w.clone()));
             let gamma = to_vec(ln.gamma.val());
@@ -166,16 +197,16 @@ mod tests {
                 }
             }
             let plain = layer_norm(&ln.valid(), eps, x.clone());
-            assert!(max_abs_diff(&to_vec(plain), &y_ref) < 2e-5, "plain, dim {dim}");
+            assert!(max_abs_diff(&to_vec(plain), &y_ref) < tol, "plain, dim {dim}");
 
             let xa = Tensor::<AB, 2>::from_inner(x).require_grad();
             let y = layer_norm(&ln, eps, xa.clone());
-            assert!(max_abs_diff(&to_vec(y.clone()), &y_ref) < 2e-5, "tracked, dim {dim}");
+            assert!(max_abs_diff(&to_vec(y.clone()), &y_ref) < tol, "tracked, dim {dim}");
             let grads = (y * Tensor::<AB, 2>::from_inner(w)).sum().backward();
             let dx = to_vec(xa.grad(&grads).expect("x gradient"));
-            assert!(max_abs_diff(&dx, &dx_ref) < 1e-4, "dx, dim {dim}");
+            assert!(max_abs_diff(&dx, &dx_ref) < 5.0 * tol, "dx, dim {dim}");
             let dgamma = to_vec(ln.gamma.grad(&grads).expect("gamma gradient"));
-            let tol = 1e-5 * rows as f64;
+            let tol = tol * rows as f64;
             assert!(max_abs_diff(&dgamma, &dgamma_ref) < tol, "dgamma, dim {dim}");
             let dbeta = to_vec(ln.beta.as_ref().expect("beta").grad(&grads).expect("beta gradient"));
             assert!(max_abs_diff(&dbeta, &dbeta_ref) < tol, "dbeta, dim {dim}");

@@ -91,12 +91,14 @@ fn cast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
     }
 }
 
-/// The row-major f32 values of `t` (a copy only when `t` is a strided view).
+/// The row-major f32 values of `t`: borrowed when `t` is a contiguous f32 tensor, else copied
+/// (a strided view, or a gradient of another dtype converted to f32).
 fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
-    match t.as_slice::<f32>() {
-        Some(s) => Cow::Borrowed(s),
-        None => Cow::Owned(t.to_contiguous().as_slice::<f32>().map(<[f32]>::to_vec).unwrap_or_default()),
+    if let Some(s) = t.as_slice::<f32>() {
+        return Cow::Borrowed(s);
     }
+    let data = t.clone().into_data().convert::<f32>();
+    Cow::Owned(data.to_vec::<f32>().unwrap_or_else(|_| data.iter::<f32>().collect()))
 }
 
 /// A new f32 tensor of `shape` whose chunks `f(start, out_chunk)` fills in parallel (chunks of

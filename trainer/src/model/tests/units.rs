@@ -222,16 +222,20 @@ fn layer_norms_use_eps_1e6() {
         TensorData::new((0..64).map(|i| if i % 2 == 0 { 1e-3f32 } else { -1e-3 }).collect::<Vec<_>>(), [1, 1, 64]),
         &dev,
     );
+    // Each LN with the epsilon its owner passes to the fused kernel (burn's own is private).
     let lns = [
-        &model.encoder.layers[0].ln1,
-        &model.encoder.ln1,
-        &model.regressor.layers[0].norm1_k,
-        &model.regressor.layers[0].norm2,
-        &model.regressor.norm_regressor,
-        &model.decoder.norm_decoder,
+        (&model.encoder.layers[0].ln1, model.encoder.layers[0].ln_eps),
+        (&model.encoder.ln1, model.encoder.ln_eps),
+        (&model.regressor.layers[0].norm1_k, model.regressor.layers[0].ln_eps),
+        (&model.regressor.layers[0].norm2, model.regressor.layers[0].ln_eps),
+        (&model.regressor.norm_regressor, model.regressor.ln_eps),
+        (&model.decoder.norm_decoder, model.decoder.ln_eps),
     ];
-    for ln in lns {
-        let y = to_vec(ln.forward(x.clone()));
-        assert!((y[0] as f64 - 0.5f64.sqrt()).abs() < 1e-3, "LN output {} (eps not 1e-6?)", y[0]);
+    for (ln, eps) in lns {
+        let burn = to_vec(ln.forward(x.clone()));
+        let fused = to_vec(crate::model::fused::layer_norm(ln, eps, x.clone()));
+        for y in [burn[0], fused[0]] {
+            assert!((y as f64 - 0.5f64.sqrt()).abs() < 1e-3, "LN output {y} (eps not 1e-6?)");
+        }
     }
 }
