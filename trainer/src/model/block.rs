@@ -11,9 +11,9 @@ use super::linear::token_linear;
 
 /// FFN = Linear(D, M) -> GELU (exact erf) -> Linear(M, D) (MMCV `FFN`, spec §2.1).
 ///
-/// Note: burn-flex computes both GELU and its derivative exactly; burn's generic backward
-/// (used by the cubecl/cuda backend) differentiates the tanh approximation instead, a ~1e-3
-/// relative difference in the gradient only.
+/// Note: on the CPU backend the fused kernel ([`fused::gelu`]) computes both GELU and its
+/// derivative exactly; burn's generic backward (used by the cubecl/cuda backend) differentiates
+/// the tanh approximation instead, a ~1e-3 relative difference in the gradient only.
 #[derive(Module, Debug)]
 pub struct Ffn<B: Backend> {
     /// D -> M.

@@ -5,8 +5,8 @@
 //! run as chains of 5-9 tracked ops (max, sub, exp, sum, div, ...), and burn-flex evaluates
 //! GELU one element at a time through libm's scalar `erff`. Together they were a third of a
 //! `tiny` CPU training step (perf, criterion `step`). Here, on the CPU backend in f32
-//! (`Flex` / `Autodiff<Flex>`), each op is one forward kernel (burn-flex's own where it has a
-//! fused one) and one backward kernel registered with burn's autodiff as a custom op. Every
+//! (`Flex` / `Autodiff<Flex>`), each op is one forward kernel (burn-flex's row kernel for
+//! softmax, ours for GELU and LayerNorm) and one backward kernel registered with burn's autodiff as a custom op. Every
 //! other backend, dtype and checkpointing strategy calls burn's composite, so the CUDA path
 //! is unchanged. The backend is recognised by its concrete type at run time (`Any`), which
 //! keeps the model generic over plain `Backend`.
