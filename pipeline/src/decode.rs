@@ -3,10 +3,13 @@
 //! Grayscale comes out as RGB (the channel repeated), CMYK/YCCK are converted by the decoder.
 //! Dimensions are bounded ([`MAX_SIDE`]) so hostile headers cannot make us allocate gigabytes.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use zune_core::bytestream::ZCursor;
 use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
-use zune_jpeg::JpegDecoder;
+use zune_jpeg::errors::DecodeErrors;
+use zune_jpeg::{JpegDecoder, NeverCancel, SampleRatios};
 
 /// Largest accepted image side (pixels). ImageNet's largest is under 5000.
 pub const MAX_SIDE: usize = 16384;
@@ -128,6 +131,86 @@ pub fn decode_jpeg(bytes: &[u8], strict: bool) -> Result<RgbImage, DecodeError> 
 
 /// Decodes into a reused image buffer (grown when needed, never shrunk).
 pub fn decode_jpeg_into(bytes: &[u8], strict: bool, out: &mut RgbImage) -> Result<(), DecodeError> {
+    let (mut dec, w, h) = start(bytes, strict, out)?;
+    dec.decode_into(&mut out.pixels).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    (out.width, out.height) = (w, h);
+    Ok(())
+}
+
+/// Decodes only the top of a JPEG: `rows_for(width, height)`, called once when the headers are
+/// read, says how many rows from the top the caller needs (the training crop box's bottom edge),
+/// and decoding stops soon after them instead of running to the last row. On return `out` holds
+/// the rows decoded (`out.height`: at least the rows asked for, at most the full height); the
+/// full size is returned. Entropy decoding is sequential, so rows above the box are decoded too.
+///
+/// Stopping uses zune-jpeg's cooperative cancellation, which is polled before every MCU row
+/// (twice per row in 0.5.16, at interval 1). The decode stops one MCU row past the rows asked for,
+/// so that rows whose chroma upsampling needs the next MCU row are finished; the result is then
+/// checked with `decoded_scanlines`, and if fewer rows are complete than asked (a decoder whose
+/// polling differs), the decode resumes to the end. Progressive images are decoded whole (their
+/// rows exist only after the last scan).
+///
+/// Unlike [`decode_jpeg_into`], corruption below the rows decoded goes unnoticed;
+/// `sharder build` and `sharder verify` decode every image whole.
+pub fn decode_jpeg_rows_into(
+    bytes: &[u8],
+    strict: bool,
+    out: &mut RgbImage,
+    rows_for: impl FnOnce(usize, usize) -> usize,
+) -> Result<(usize, usize), DecodeError> {
+    decode_rows_with(bytes, strict, out, rows_for, POLLS_PER_MCU_ROW).map(|(w, h, _resumed)| (w, h))
+}
+
+/// How many times zune-jpeg 0.5.16 polls the cancel check per MCU row of a sequential image.
+const POLLS_PER_MCU_ROW: usize = 2;
+
+fn decode_rows_with(
+    bytes: &[u8],
+    strict: bool,
+    out: &mut RgbImage,
+    rows_for: impl FnOnce(usize, usize) -> usize,
+    polls_per_row: usize,
+) -> Result<(usize, usize, bool), DecodeError> {
+    let (mut dec, w, h) = start(bytes, strict, out)?;
+    let want = rows_for(w, h).min(h);
+    let info = dec.info().ok_or_else(|| DecodeError::Corrupt("no frame header".into()))?;
+    let mcu_rows = 8 * match info.sample_ratio {
+        SampleRatios::HV | SampleRatios::V => 2,
+        SampleRatios::Generic(_, v) => v.max(1),
+        SampleRatios::H | SampleRatios::None => 1,
+    };
+    let corrupt = |e: DecodeErrors| DecodeError::Corrupt(e.to_string());
+    let (mut rows, mut resumed) = (h, false);
+    if info.sof.is_sequential_dct() && want + mcu_rows < h {
+        let polls = AtomicUsize::new(0);
+        dec.set_cancel(move || polls.fetch_add(1, Ordering::Relaxed) / polls_per_row * mcu_rows >= want + mcu_rows);
+        dec.set_cancel_interval(1);
+        match dec.decode_into(&mut out.pixels) {
+            Ok(()) => {}
+            Err(DecodeErrors::Cancelled) => {
+                let stable = dec.decoded_scanlines().unwrap_or(0).min(h);
+                if stable >= want {
+                    rows = stable;
+                } else {
+                    dec.set_cancel(NeverCancel);
+                    dec.decode_into(&mut out.pixels).map_err(corrupt)?;
+                    resumed = true;
+                }
+            }
+            Err(e) => return Err(corrupt(e)),
+        }
+    } else {
+        dec.decode_into(&mut out.pixels).map_err(corrupt)?;
+    }
+    out.pixels.truncate(w * rows * 3);
+    (out.width, out.height) = (w, rows);
+    Ok((w, h, resumed))
+}
+
+type Decoder<'a> = JpegDecoder<ZCursor<&'a [u8]>>;
+
+/// Reads and checks the headers and sizes `out.pixels` for the whole image.
+fn start<'a>(bytes: &'a [u8], strict: bool, out: &mut RgbImage) -> Result<(Decoder<'a>, usize, usize), DecodeError> {
     check_jpeg(bytes)?;
     let mut dec = JpegDecoder::new_with_options(ZCursor::new(bytes), options(strict));
     dec.decode_headers().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
@@ -144,10 +227,7 @@ pub fn decode_jpeg_into(bytes: &[u8], strict: bool, out: &mut RgbImage) -> Resul
         return Err(DecodeError::Buffer { have: w * h * 3, need });
     }
     out.pixels.resize(need, 0);
-    dec.decode_into(&mut out.pixels).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
-    out.width = w;
-    out.height = h;
-    Ok(())
+    Ok((dec, w, h))
 }
 
 /// Reads the Orientation tag (0x0112) from a raw EXIF block (with or without the `Exif\0\0`
@@ -181,6 +261,8 @@ pub fn exif_orientation(exif: &[u8]) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
+    use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
+
     use super::*;
 
     #[test]
@@ -211,5 +293,103 @@ mod tests {
         assert!(decode_jpeg(&bytes, true).is_err());
         // lenient mode must not panic either; whatever it returns is fine
         let _ = decode_jpeg(&bytes, false);
+    }
+
+    /// A smooth photo-like RGB image with detail in every row (no flat MCU rows).
+    fn photo(w: usize, h: usize) -> Vec<u8> {
+        let mut px = Vec::with_capacity(w * h * 3);
+        for y in 0..h {
+            for x in 0..w {
+                let (fx, fy) = (x as f64, y as f64);
+                px.push((128.0 + 100.0 * (fx / 9.0).sin() * (fy / 13.0).cos()) as u8);
+                px.push(((x * 3 + y * 5) % 256) as u8);
+                px.push((128.0 + 90.0 * ((fx + fy) / 7.0).sin()) as u8);
+            }
+        }
+        px
+    }
+
+    fn encode(w: usize, h: usize, sampling: SamplingFactor, progressive: bool, gray: bool) -> Vec<u8> {
+        let rgb = photo(w, h);
+        let mut out = Vec::new();
+        let mut enc = Encoder::new(&mut out, 92);
+        enc.set_sampling_factor(sampling);
+        enc.set_progressive(progressive);
+        if gray {
+            let luma: Vec<u8> = rgb.chunks(3).map(|p| p[0]).collect();
+            enc.encode(&luma, w as u16, h as u16, ColorType::Luma).expect("encode");
+        } else {
+            enc.encode(&rgb, w as u16, h as u16, ColorType::Rgb).expect("encode");
+        }
+        out
+    }
+
+    #[test]
+    fn top_rows_decode_stops_early_and_matches_a_full_decode() {
+        let (w, h) = (203, 301);
+        for (sampling, gray) in [
+            (SamplingFactor::F_1_1, false),
+            (SamplingFactor::F_2_2, false),
+            (SamplingFactor::F_2_1, false),
+            (SamplingFactor::F_1_1, true),
+        ] {
+            let jpg = encode(w, h, sampling, false, gray);
+            let full = decode_jpeg(&jpg, true).expect("full decode");
+            for want in [0, 1, 17, 100, 250, 268, 285, 300, 301, 999] {
+                let mut out = RgbImage::default();
+                let size = decode_jpeg_rows_into(&jpg, true, &mut out, |a, b| {
+                    assert_eq!((a, b), (w, h));
+                    want
+                })
+                .expect("rows decode");
+                let case = format!("{sampling:?} gray {gray}, {want} rows asked");
+                assert_eq!(size, (w, h), "{case}");
+                assert!(out.height >= want.min(h) && out.height <= h, "{case}: {} rows decoded", out.height);
+                assert_eq!(out.width, w);
+                assert_eq!(out.pixels.len(), w * out.height * 3, "{case}");
+                assert!(out.pixels == full.pixels[..out.pixels.len()], "{case}: rows differ from a full decode");
+                if want + 48 <= h {
+                    assert!(out.height < h, "{case}: decoded every row");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stopping_too_early_resumes_to_the_end() {
+        // One poll per MCU row assumed where the decoder makes two: the stop comes at about half
+        // the rows asked for, too early, so the decode must resume and finish the image.
+        let (w, h) = (160, 240);
+        let jpg = encode(w, h, SamplingFactor::F_2_2, false, false);
+        let full = decode_jpeg(&jpg, true).expect("full decode");
+        let mut out = RgbImage::default();
+        let (_, _, resumed) = decode_rows_with(&jpg, true, &mut out, |_, _| 200, 1).expect("decode");
+        assert!(resumed, "expected the early stop to fall short of 200 rows");
+        assert_eq!(out.height, h);
+        assert!(out.pixels == full.pixels);
+    }
+
+    #[test]
+    fn progressive_images_are_decoded_whole() {
+        let jpg = encode(96, 200, SamplingFactor::F_2_2, true, false);
+        let full = decode_jpeg(&jpg, true).expect("full decode");
+        let mut out = RgbImage::default();
+        decode_jpeg_rows_into(&jpg, true, &mut out, |_, _| 20).expect("decode");
+        assert_eq!(out.height, 200);
+        assert!(out.pixels == full.pixels);
+    }
+
+    #[test]
+    fn truncated_input_fails_only_where_its_rows_are_needed() {
+        let (w, h) = (128, 512);
+        let mut jpg = encode(w, h, SamplingFactor::F_1_1, false, false);
+        jpg.truncate(jpg.len() * 3 / 4);
+        assert!(decode_jpeg(&jpg, true).is_err(), "strict full decode must reject truncation");
+        let mut out = RgbImage::default();
+        assert!(decode_jpeg_rows_into(&jpg, true, &mut out, |_, h| h).is_err());
+        // the top rows come before the cut: decoded, and no error (documented trade-off)
+        let mut top = RgbImage::default();
+        decode_jpeg_rows_into(&jpg, true, &mut top, |_, _| 64).expect("top rows are intact");
+        assert!(top.height >= 64 && top.height < h);
     }
 }

@@ -137,6 +137,9 @@ pub struct LoaderStats {
     pub decode_ns: AtomicU64,
     pub augment_ns: AtomicU64,
     pub read_ns: AtomicU64,
+    /// Image rows decoded (decoding stops below the crop box) and rows in those images.
+    pub decoded_rows: AtomicU64,
+    pub image_rows: AtomicU64,
 }
 
 /// A running loader. Dropping it stops its threads.
@@ -602,11 +605,21 @@ fn process(
     };
     let jpg =
         sample.get(IMAGE_EXT).ok_or_else(|| bad("missing_image", &sample.key, format!("no .{IMAGE_EXT} member")))?;
-    let t0 = Instant::now();
-    decode::decode_jpeg_into(jpg, true, &mut ctx.img).map_err(|e| bad("decode", &sample.key, e.to_string()))?;
-    let t1 = Instant::now();
     let mut rng = ChaCha8Rng::seed_from_u64(mix(&[cfg.seed, job.epoch, job.shard as u64, job.index, job.pass as u64]));
-    let params = TwoViewParams::draw(ctx.img.width, ctx.img.height, &cfg.augment, &mut rng);
+    // The crop box is drawn from the header's size, so decoding can stop below the box.
+    let mut params = None;
+    let t0 = Instant::now();
+    let (_, full_height) = decode::decode_jpeg_rows_into(jpg, true, &mut ctx.img, |w, h| {
+        let p = TwoViewParams::draw(w, h, &cfg.augment, &mut rng);
+        let b = p.source_box(w);
+        params = Some(p);
+        b.top + b.height
+    })
+    .map_err(|e| bad("decode", &sample.key, e.to_string()))?;
+    let t1 = Instant::now();
+    let params = params.ok_or_else(|| bad("decode", &sample.key, "no crop box drawn".into()))?;
+    stats.decoded_rows.fetch_add(ctx.img.height as u64, Ordering::Relaxed);
+    stats.image_rows.fetch_add(full_height as u64, Ordering::Relaxed);
     let (vs, ts) = (cfg.augment.view_size, cfg.augment.token_size);
     let (mut view, mut token) = recycle.try_recv().unwrap_or_default();
     view.resize(3 * vs * vs, 0);
