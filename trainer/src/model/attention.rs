@@ -4,7 +4,7 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{Tensor, backend::Backend};
 
-use super::fused::softmax_last;
+use super::fused::{cross_attention, self_attention, softmax_last};
 use super::init::{constant, xavier_linear};
 use super::linear::token_linear;
 
@@ -53,7 +53,9 @@ pub fn multi_head_attention<B: Backend>(
     v: Tensor<B, 3>,
     heads: usize,
 ) -> Tensor<B, 3> {
-    attend_heads(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)) // [b, nq, d]
+    cross_attention(q, k, v, heads, |q, k, v| {
+        attend_heads(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)) // [b, nq, d]
+    })
 }
 
 /// Self-attention: `qkv = x·W + [q_bias, 0, v_bias]`, `qkv` Linear without bias, k bias fixed 0.
@@ -98,13 +100,15 @@ impl<B: Backend> Attention<B> {
         let [b, n, d] = x.dims();
         let h = self.num_heads;
         let qkv = token_linear(&self.qkv, x) + qkv_bias.unsqueeze::<3>(); // [b, n, 3d]
-        // Channel c = (part·h + head)·hd + j, so one reshape + swap gives every part's heads as
-        // strided views (q = parts 0..h, k = h..2h, v = 2h..3h) that the matmuls read in place.
-        let heads = qkv.reshape([b, n, 3 * h, d / h]).swap_dims(1, 2); // [b, 3h, n, hd]
-        let q = heads.clone().narrow(1, 0, h); // [b, h, n, hd]
-        let k = heads.clone().narrow(1, h, h); // [b, h, n, hd]
-        let v = heads.narrow(1, 2 * h, h); // [b, h, n, hd]
-        let out = attend_heads(q, k, v); // [b, n, d]
+        let out = self_attention(qkv, h, |qkv| {
+            // Channel c = (part·h + head)·hd + j, so one reshape + swap gives every part's heads
+            // as strided views (q = parts 0..h, k = h..2h, v = 2h..3h) that the matmuls read.
+            let heads = qkv.reshape([b, n, 3 * h, d / h]).swap_dims(1, 2); // [b, 3h, n, hd]
+            let q = heads.clone().narrow(1, 0, h); // [b, h, n, hd]
+            let k = heads.clone().narrow(1, h, h); // [b, h, n, hd]
+            let v = heads.narrow(1, 2 * h, h); // [b, h, n, hd]
+            attend_heads(q, k, v) // [b, n, d]
+        }); // [b, n, d]
         token_linear(&self.proj, out) // [b, n, d]
     }
 }

@@ -14,10 +14,12 @@
 //! Determinism: every kernel computes each output element (and each chunk's partial sum, see
 //! [`layer_norm`]) in a fixed order, independent of the number of threads.
 
+mod attention;
 mod gelu;
 mod layer_norm;
 mod softmax;
 
+pub use attention::{cross_attention, self_attention};
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
 pub use softmax::softmax_last;
