@@ -174,7 +174,9 @@ fn decode_rows_with(
     let (mut dec, w, h) = start(bytes, strict, out)?;
     let want = rows_for(w, h).min(h);
     let info = dec.info().ok_or_else(|| DecodeError::Corrupt("no frame header".into()))?;
+    // One-component images decode in 8-row MCUs whatever their sampling factors say.
     let mcu_rows = 8 * match info.sample_ratio {
+        _ if info.components == 1 => 1,
         SampleRatios::HV | SampleRatios::V => 2,
         SampleRatios::Generic(_, v) => v.max(1),
         SampleRatios::H | SampleRatios::None => 1,

@@ -45,7 +45,7 @@ pub fn self_attention<B: Backend>(
 ) -> Tensor<B, 3> {
     let [b, n, d3] = qkv.dims();
     let (d, hd) = (d3 / 3, d3 / 3 / heads.max(1));
-    if heads == 0 || d3 != 3 * d || d != heads * hd {
+    if heads == 0 || hd == 0 || n == 0 || d3 != 3 * d || d != heads * hd {
         return composite(qkv);
     }
     let geo = Geometry {
@@ -78,7 +78,8 @@ pub fn cross_attention<B: Backend>(
 ) -> Tensor<B, 3> {
     let ([b, nq, d], [bk, nk, dk], vd) = (q.dims(), k.dims(), v.dims());
     let hd = d / heads.max(1);
-    if heads == 0 || d != heads * hd || [bk, nk, dk] != [b, nk, d] || vd != [b, nk, d] {
+    if heads == 0 || hd == 0 || nq == 0 || nk == 0 || d != heads * hd || [bk, nk, dk] != [b, nk, d] || vd != [b, nk, d]
+    {
         return composite(q, k, v);
     }
     let geo = Geometry { b, nq, nk, heads, hd, q: Part::of(nq, d, 0), k: Part::of(nk, d, 0), v: Part::of(nk, d, 0) };
@@ -315,7 +316,10 @@ fn run_backward<const N: usize>(ops: Ops<State, N>, grads: &mut Gradients) {
     let st = ops.state;
     let vals: Vec<_> = st.inputs.iter().map(values).collect();
     let bufs: Vec<&[f32]> = vals.iter().map(|v| v.as_ref()).collect();
-    let d = backward(&st.geo, &bufs, &st.probs, values(&d_out).as_ref());
+    let d_out = values(&d_out);
+    // The unsafe kernels read dO through strides: a gradient of another shape must not get there.
+    assert_eq!(d_out.len(), st.geo.b * st.geo.nq * st.geo.d(), "attention output gradient of the wrong size");
+    let d = backward(&st.geo, &bufs, &st.probs, d_out.as_ref());
     for ((parent, grad), input) in ops.parents.into_iter().zip(d).zip(&st.inputs) {
         if let Some(node) = parent {
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(grad, input.shape())));
@@ -455,6 +459,14 @@ mod tests {
         let _ = self_attention(qkv, 4, |x| {
             called = true;
             x.narrow(2, 0, 10)
+        });
+        assert!(called);
+        // no queries: the composite runs (the kernels assume at least one token on each side)
+        let mut called = false;
+        let (q, kv) = (Tensor::<Fx, 3>::zeros([1, 0, 8], &device()), rand([1, 3, 8]));
+        let _ = cross_attention(q.clone(), kv.clone(), kv, 2, |q, _, _| {
+            called = true;
+            q
         });
         assert!(called);
         // inputs without grad under autodiff: output without grad, same values
