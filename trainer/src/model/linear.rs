@@ -5,6 +5,7 @@
 //! products summed afterwards (burn-backend's default `linear_weight_backward`). Folding the
 //! tokens into rows first makes each of forward, input gradient and weight gradient a single
 //! `[b·n, d]` GEMM, which is what PyTorch's `F.linear` does. The result is the same function.
+//! On the CPU backend the product runs as the fused op of [`super::fused::linear`].
 
 use burn::nn::Linear;
 use burn::tensor::{Tensor, backend::Backend};
@@ -12,7 +13,8 @@ use burn::tensor::{Tensor, backend::Backend};
 /// `l` applied to every token: `[b, n, d_in]` -> `[b, n, d_out]`, computed as `[b·n, d_in]·W`.
 pub fn token_linear<B: Backend>(l: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, n, d] = x.dims();
-    let y = l.forward(x.reshape([b * n, d])); // [b·n, d_out]
+    let bias = l.bias.as_ref().map(|b| b.val());
+    let y = super::fused::linear(x.reshape([b * n, d]), l.weight.val(), bias, |x, _, _| l.forward(x)); // [b·n, d_out]
     let d_out = y.dims()[1];
     y.reshape([b, n, d_out]) // [b, n, d_out]
 }

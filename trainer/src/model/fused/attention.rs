@@ -27,10 +27,10 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Shape, Tensor, TensorData, TensorMetadata};
 use burn_flex::FlexTensor;
-use gemm::{Parallelism, gemm};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{AutodiffFlexTensor, Cpu, classify, from_primitive, tensor, values};
+use super::{AutodiffFlexTensor, Cpu, Out, classify, from_primitive, matmul, tensor, values};
 
 /// Self-attention on a fused projection: `qkv` `[b, n, 3d]` holds q in channels `0..d`, k in
 /// `d..2d` and v in `2d..3d`, head `i` of each at `i·d/h ..`. `composite` computes the same from
@@ -145,63 +145,6 @@ impl Geometry {
     }
 }
 
-/// A pointer shared by rayon tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every task writes only its own (sample, head) rows and columns; see the callers.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The pointer (a method, so closures capture the `Send` wrapper, not its field).
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
-
-/// `dst (m×n) = beta · lhs (m×k) · rhs (k×n)`, each given by pointer, column stride and row
-/// stride (in elements), on the calling thread.
-///
-/// # Safety
-/// Every element addressed through the strides must be in bounds of its allocation, and `dst`
-/// must not overlap `lhs`, `rhs` or memory another thread uses.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: (*mut f32, usize, usize),
-    lhs: (*const f32, usize, usize),
-    rhs: (*const f32, usize, usize),
-    beta: f32,
-) {
-    let s = |x: usize| x as isize;
-    // SAFETY: forwarded from the caller; gemm computes dst = 0·dst + beta·lhs·rhs (read_dst false).
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst.0,
-            s(dst.1),
-            s(dst.2),
-            false,
-            lhs.0,
-            s(lhs.1),
-            s(lhs.2),
-            rhs.0,
-            s(rhs.1),
-            s(rhs.2),
-            0.0,
-            beta,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
-}
-
 /// The buffer each part reads from: one shared buffer, or one per part.
 fn parts<'a>(bufs: &[&'a [f32]]) -> [&'a [f32]; 3] {
     match bufs {
@@ -226,7 +169,16 @@ fn forward(g: &Geometry, bufs: &[&[f32]]) -> (FlexTensor, Vec<f32>) {
         // written by this task only.
         unsafe {
             // S = scale · Q·Kᵀ   [nq, nk]
-            matmul(nq, nk, hd, (p.as_mut_ptr(), 1, nk), (q.as_ptr(), 1, g.q.row), (k.as_ptr(), g.k.row, 1), g.scale());
+            matmul(
+                nq,
+                nk,
+                hd,
+                (p.as_mut_ptr(), 1, nk),
+                (q.as_ptr(), 1, g.q.row),
+                (k.as_ptr(), g.k.row, 1),
+                g.scale(),
+                Parallelism::None,
+            );
         }
         for row in p.chunks_mut(nk) {
             softmax_row(row);
@@ -235,7 +187,7 @@ fn forward(g: &Geometry, bufs: &[&[f32]]) -> (FlexTensor, Vec<f32>) {
         unsafe {
             let dst = o.at(s * nq * d + h * hd);
             // O = P·V   [nq, hd]
-            matmul(nq, hd, nk, (dst, 1, d), (p.as_ptr(), 1, nk), (v.as_ptr(), 1, g.v.row), 1.0);
+            matmul(nq, hd, nk, (dst, 1, d), (p.as_ptr(), 1, nk), (v.as_ptr(), 1, g.v.row), 1.0, Parallelism::None);
         }
     });
     (FlexTensor::from_data(TensorData::new(out, Shape::new([g.b, nq, d]))), probs)
@@ -275,7 +227,16 @@ fn backward(g: &Geometry, bufs: &[&[f32]], probs: &[f32], d_out: &[f32]) -> Vec<
         // task's; each gradient write goes to the (s, h) columns of its part, owned by this task.
         unsafe {
             // dP = dO·Vᵀ   [nq, nk]
-            matmul(nq, nk, hd, (ds.as_mut_ptr(), 1, nk), (dout.as_ptr(), 1, d), (v.as_ptr(), g.v.row, 1), 1.0);
+            matmul(
+                nq,
+                nk,
+                hd,
+                (ds.as_mut_ptr(), 1, nk),
+                (dout.as_ptr(), 1, d),
+                (v.as_ptr(), g.v.row, 1),
+                1.0,
+                Parallelism::None,
+            );
         }
         for (dsr, pr) in ds.chunks_mut(nk).zip(p.chunks(nk)) {
             let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
@@ -287,11 +248,29 @@ fn backward(g: &Geometry, bufs: &[&[f32]], probs: &[f32], d_out: &[f32]) -> Vec<
         unsafe {
             let (gq, gk, gv) = (dq.at(g.q.at(s, h, hd)), dk.at(g.k.at(s, h, hd)), dv.at(g.v.at(s, h, hd)));
             // dQ = dS·K·scale   [nq, hd]
-            matmul(nq, hd, nk, (gq, 1, g.q.row), (ds.as_ptr(), 1, nk), (k.as_ptr(), 1, g.k.row), g.scale());
+            matmul(
+                nq,
+                hd,
+                nk,
+                (gq, 1, g.q.row),
+                (ds.as_ptr(), 1, nk),
+                (k.as_ptr(), 1, g.k.row),
+                g.scale(),
+                Parallelism::None,
+            );
             // dK = dSᵀ·Q·scale   [nk, hd]
-            matmul(nk, hd, nq, (gk, 1, g.k.row), (ds.as_ptr(), nk, 1), (q.as_ptr(), 1, g.q.row), g.scale());
+            matmul(
+                nk,
+                hd,
+                nq,
+                (gk, 1, g.k.row),
+                (ds.as_ptr(), nk, 1),
+                (q.as_ptr(), 1, g.q.row),
+                g.scale(),
+                Parallelism::None,
+            );
             // dV = Pᵀ·dO   [nk, hd]
-            matmul(nk, hd, nq, (gv, 1, g.v.row), (p.as_ptr(), nk, 1), (dout.as_ptr(), 1, d), 1.0);
+            matmul(nk, hd, nq, (gv, 1, g.v.row), (p.as_ptr(), nk, 1), (dout.as_ptr(), 1, d), 1.0, Parallelism::None);
         }
     });
     grads

@@ -17,11 +17,13 @@
 mod attention;
 mod gelu;
 mod layer_norm;
+mod linear;
 mod softmax;
 
 pub use attention::{cross_attention, self_attention};
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
+pub use linear::linear;
 pub use softmax::softmax_last;
 
 use std::any::{Any, TypeId};
@@ -31,6 +33,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// The float primitive of `Autodiff<Flex>` (burn's `AutodiffTensor<Flex>`).
@@ -113,6 +116,86 @@ fn fill_chunks(shape: Shape, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync)
         out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| f(i * chunk, o));
     }
     FlexTensor::from_data(TensorData::new(out, shape))
+}
+
+/// A pointer shared by rayon tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: the kernels that share one give every task its own rows and columns to write.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not its field).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// `dst (m×n) = beta · lhs (m×k) · rhs (k×n)`, each given by pointer, column stride and row
+/// stride (in elements); with `accumulate`, `dst += beta · lhs · rhs`.
+///
+/// # Safety
+/// Every element addressed through the strides must be in bounds of its allocation, and `dst`
+/// must not overlap `lhs`, `rhs` or memory another thread uses.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, usize, usize),
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+    parallelism: Parallelism,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { matmul_acc(m, n, k, dst, lhs, rhs, beta, false, parallelism) }
+}
+
+/// [`matmul`] that adds to `dst` when `accumulate`.
+///
+/// # Safety
+/// As [`matmul`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_acc(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, usize, usize),
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    let s = |x: usize| x as isize;
+    let alpha = if accumulate { 1.0 } else { 0.0 };
+    // SAFETY: forwarded from the caller; gemm computes dst = alpha·dst + beta·lhs·rhs and reads
+    // dst only when asked to.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            s(dst.1),
+            s(dst.2),
+            accumulate,
+            lhs.0,
+            s(lhs.1),
+            s(lhs.2),
+            rhs.0,
+            s(rhs.1),
+            s(rhs.2),
+            alpha,
+            beta,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
 }
 
 /// The primitive of `t`, whose backend the caller has already classified as having primitive
