@@ -177,6 +177,7 @@ fn forward(g: &Geometry, bufs: &[&[f32]]) -> (FlexTensor, Vec<f32>) {
                 (q.as_ptr(), 1, g.q.row),
                 (k.as_ptr(), g.k.row, 1),
                 g.scale(),
+                false,
                 Parallelism::None,
             );
         }
@@ -187,7 +188,17 @@ fn forward(g: &Geometry, bufs: &[&[f32]]) -> (FlexTensor, Vec<f32>) {
         unsafe {
             let dst = o.at(s * nq * d + h * hd);
             // O = P·V   [nq, hd]
-            matmul(nq, hd, nk, (dst, 1, d), (p.as_ptr(), 1, nk), (v.as_ptr(), 1, g.v.row), 1.0, Parallelism::None);
+            matmul(
+                nq,
+                hd,
+                nk,
+                (dst, 1, d),
+                (p.as_ptr(), 1, nk),
+                (v.as_ptr(), 1, g.v.row),
+                1.0,
+                false,
+                Parallelism::None,
+            );
         }
     });
     (FlexTensor::from_data(TensorData::new(out, Shape::new([g.b, nq, d]))), probs)
@@ -235,6 +246,7 @@ fn backward(g: &Geometry, bufs: &[&[f32]], probs: &[f32], d_out: &[f32]) -> Vec<
                 (dout.as_ptr(), 1, d),
                 (v.as_ptr(), g.v.row, 1),
                 1.0,
+                false,
                 Parallelism::None,
             );
         }
@@ -256,6 +268,7 @@ fn backward(g: &Geometry, bufs: &[&[f32]], probs: &[f32], d_out: &[f32]) -> Vec<
                 (ds.as_ptr(), 1, nk),
                 (k.as_ptr(), 1, g.k.row),
                 g.scale(),
+                false,
                 Parallelism::None,
             );
             // dK = dSᵀ·Q·scale   [nk, hd]
@@ -267,10 +280,21 @@ fn backward(g: &Geometry, bufs: &[&[f32]], probs: &[f32], d_out: &[f32]) -> Vec<
                 (ds.as_ptr(), nk, 1),
                 (q.as_ptr(), 1, g.q.row),
                 g.scale(),
+                false,
                 Parallelism::None,
             );
             // dV = Pᵀ·dO   [nk, hd]
-            matmul(nk, hd, nq, (gv, 1, g.v.row), (p.as_ptr(), nk, 1), (dout.as_ptr(), 1, d), 1.0, Parallelism::None);
+            matmul(
+                nk,
+                hd,
+                nq,
+                (gv, 1, g.v.row),
+                (p.as_ptr(), nk, 1),
+                (dout.as_ptr(), 1, d),
+                1.0,
+                false,
+                Parallelism::None,
+            );
         }
     });
     grads

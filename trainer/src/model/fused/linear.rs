@@ -19,7 +19,7 @@ use burn::tensor::{Shape, Tensor, TensorData, TensorMetadata};
 use burn_flex::FlexTensor;
 use gemm::Parallelism;
 
-use super::{AutodiffFlexTensor, Cpu, classify, from_primitive, matmul, matmul_acc, tensor, values};
+use super::{AutodiffFlexTensor, Cpu, classify, from_primitive, matmul, tensor, values};
 
 /// `x·w + b` over rows; `composite` computes the same from burn ops and runs on every backend
 /// and dtype the fast path does not cover.
@@ -78,7 +78,7 @@ fn forward(g: &Geo, x: &[f32], w: &[f32], b: Option<&[f32]>) -> FlexTensor {
     };
     // SAFETY: x is m×k, w k×n and y m×n, contiguous row-major (shapes checked by `linear`).
     unsafe {
-        matmul_acc(
+        matmul(
             m,
             n,
             k,
@@ -101,7 +101,17 @@ fn backward(geo: &Geo, x: &[f32], w: &[f32], g: &[f32], wanted: [bool; 3]) -> [O
         let mut dx = vec![0.0f32; m * k];
         // SAFETY: dx m×k; g m×n; wᵀ read from w (k×n) with strides (n, 1).
         unsafe {
-            matmul(m, k, n, (dx.as_mut_ptr(), 1, k), (g.as_ptr(), 1, n), (w.as_ptr(), n, 1), 1.0, parallelism(m, k, n))
+            matmul(
+                m,
+                k,
+                n,
+                (dx.as_mut_ptr(), 1, k),
+                (g.as_ptr(), 1, n),
+                (w.as_ptr(), n, 1),
+                1.0,
+                false,
+                parallelism(m, k, n),
+            )
         };
         dx
     });
@@ -109,7 +119,17 @@ fn backward(geo: &Geo, x: &[f32], w: &[f32], g: &[f32], wanted: [bool; 3]) -> [O
         let mut dw = vec![0.0f32; k * n];
         // SAFETY: dw k×n; xᵀ read from x (m×k) with strides (k, 1); g m×n.
         unsafe {
-            matmul(k, n, m, (dw.as_mut_ptr(), 1, n), (x.as_ptr(), k, 1), (g.as_ptr(), 1, n), 1.0, parallelism(k, n, m))
+            matmul(
+                k,
+                n,
+                m,
+                (dw.as_mut_ptr(), 1, n),
+                (x.as_ptr(), k, 1),
+                (g.as_ptr(), 1, n),
+                1.0,
+                false,
+                parallelism(k, n, m),
+            )
         };
         dw
     });

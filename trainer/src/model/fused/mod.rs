@@ -147,25 +147,6 @@ unsafe fn matmul(
     lhs: (*const f32, usize, usize),
     rhs: (*const f32, usize, usize),
     beta: f32,
-    parallelism: Parallelism,
-) {
-    // SAFETY: forwarded from the caller.
-    unsafe { matmul_acc(m, n, k, dst, lhs, rhs, beta, false, parallelism) }
-}
-
-/// [`matmul`] that adds to `dst` when `accumulate`.
-///
-/// # Safety
-/// As [`matmul`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul_acc(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: (*mut f32, usize, usize),
-    lhs: (*const f32, usize, usize),
-    rhs: (*const f32, usize, usize),
-    beta: f32,
     accumulate: bool,
     parallelism: Parallelism,
 ) {
