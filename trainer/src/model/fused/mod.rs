@@ -1,18 +1,20 @@
-//! Fused CPU kernels for the element- and row-wise ops of a ViT step: exact GELU, softmax over
-//! the last axis, and LayerNorm, each forward and backward.
+//! Fused CPU kernels for a ViT step: exact GELU, softmax over the last axis, LayerNorm,
+//! multi-head attention and linear layers, each forward and backward.
 //!
 //! burn 0.21 has no fused backward for these on its autodiff backend: softmax and LayerNorm
-//! run as chains of 5-9 tracked ops (max, sub, exp, sum, div, ...), and burn-flex evaluates
-//! GELU one element at a time through libm's scalar `erff`. Together they were a third of a
-//! `tiny` CPU training step (perf, criterion `step`). Here, on the CPU backend in f32
-//! (`Flex` / `Autodiff<Flex>`), each op is one forward kernel (burn-flex's row kernel for
-//! softmax, ours for GELU and LayerNorm) and one backward kernel registered with burn's autodiff as a custom op. Every
-//! other backend, dtype and checkpointing strategy calls burn's composite, so the CUDA path
-//! is unchanged. The backend is recognised by its concrete type at run time (`Any`), which
-//! keeps the model generic over plain `Backend`.
+//! run as chains of 5-9 tracked ops (max, sub, exp, sum, div, ...), burn-flex evaluates GELU one
+//! element at a time through libm's scalar `erff`, attention's head split/merge views are copied
+//! element by element, and every matmul output is zero-filled and then copied to an aligned
+//! buffer. Here, on the CPU backend in f32 (`Flex` / `Autodiff<Flex>`), each op is one forward
+//! kernel (burn-flex's row kernel for softmax; ours, calling `gemm` directly, for the rest) and
+//! one backward kernel registered with burn's autodiff as a custom op. Every other backend,
+//! dtype and checkpointing strategy calls burn's composite, so the CUDA path is unchanged. The
+//! backend is recognised by its concrete type at run time (`Any`), which keeps the model generic
+//! over plain `Backend`.
 //!
 //! Determinism: every kernel computes each output element (and each chunk's partial sum, see
-//! [`layer_norm`]) in a fixed order, independent of the number of threads.
+//! [`layer_norm`]) in a fixed order, independent of the number of threads; GEMMs split only
+//! over output blocks, as burn-flex's do.
 
 mod attention;
 mod gelu;
