@@ -13,8 +13,8 @@
 //! over plain `Backend`.
 //!
 //! Determinism: every kernel computes each output element (and each chunk's partial sum, see
-//! [`layer_norm`]) in a fixed order, independent of the number of threads; GEMMs split only
-//! over output blocks, as burn-flex's do.
+//! [`layer_norm`]) in a fixed order, independent of the number of threads;
+//! large GEMMs use gemm's own rayon split, as burn-flex's do.
 
 mod attention;
 mod gelu;
