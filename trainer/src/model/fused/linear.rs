@@ -190,7 +190,7 @@ fn tracked(
     w: AutodiffFlexTensor,
     b: Option<AutodiffFlexTensor>,
 ) -> AutodiffFlexTensor {
-    let bias = b.as_ref().map(|b| values(&b.primitive).into_owned());
+    let bias = b.as_ref().map(|b| values(&b.primitive));
     let y = forward(&geo, &values(&x.primitive), &values(&w.primitive), bias.as_deref());
     let state = State { geo, x: x.primitive.clone(), w: w.primitive.clone() };
     match b {
