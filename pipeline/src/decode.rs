@@ -232,6 +232,19 @@ fn start<'a>(bytes: &'a [u8], strict: bool, out: &mut RgbImage) -> Result<(Decod
     Ok((dec, w, h))
 }
 
+/// Runs `f`, turning a panic into `Err(panic message)`. Decoders (ours and the `image` crate's)
+/// should never panic on hostile bytes, but one that does must cost a sample, not the run: the
+/// loader's workers and the sharder's process every untrusted sample through this.
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-text panic payload".into())
+    })
+}
+
 /// Reads the Orientation tag (0x0112) from a raw EXIF block (with or without the `Exif\0\0`
 /// prefix). Returns `None` when absent or malformed.
 pub fn exif_orientation(exif: &[u8]) -> Option<u8> {
@@ -312,11 +325,25 @@ mod tests {
     }
 
     fn encode(w: usize, h: usize, sampling: SamplingFactor, progressive: bool, gray: bool) -> Vec<u8> {
+        encode_with(w, h, sampling, progressive, gray, 0)
+    }
+
+    fn encode_with(
+        w: usize,
+        h: usize,
+        sampling: SamplingFactor,
+        progressive: bool,
+        gray: bool,
+        restart: u16,
+    ) -> Vec<u8> {
         let rgb = photo(w, h);
         let mut out = Vec::new();
         let mut enc = Encoder::new(&mut out, 92);
         enc.set_sampling_factor(sampling);
         enc.set_progressive(progressive);
+        if restart > 0 {
+            enc.set_restart_interval(restart);
+        }
         if gray {
             let luma: Vec<u8> = rgb.chunks(3).map(|p| p[0]).collect();
             enc.encode(&luma, w as u16, h as u16, ColorType::Luma).expect("encode");
@@ -393,5 +420,96 @@ mod tests {
         let mut top = RgbImage::default();
         decode_jpeg_rows_into(&jpg, true, &mut top, |_, _| 64).expect("top rows are intact");
         assert!(top.height >= 64 && top.height < h);
+    }
+
+    #[test]
+    fn catch_panic_returns_the_message() {
+        assert_eq!(catch_panic(|| 5), Ok(5));
+        let n = 3;
+        assert_eq!(catch_panic(|| -> u8 { panic!("row {n} out of range") }), Err("row 3 out of range".to_string()));
+        assert_eq!(catch_panic(|| -> u8 { panic!("static text") }), Err("static text".to_string()));
+        assert_eq!(catch_panic(|| -> u8 { std::panic::panic_any(1.5f32) }), Err("non-text panic payload".to_string()));
+    }
+
+    /// Mutation fuzzing of every decode entry point: flipped bits, overwritten runs, cuts,
+    /// splices and stray markers in JPEGs of every layout the loader meets. Whatever the bytes,
+    /// decoding returns a value or an error, never panics, and a success upholds the size
+    /// contract. `CAE_DECODE_FUZZ_CASES` raises the count for a long local run (in release).
+    #[test]
+    fn mutated_jpegs_never_panic_and_keep_the_size_contract() {
+        let cases: usize = std::env::var("CAE_DECODE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
+        let seeds = [
+            encode_with(67, 93, SamplingFactor::F_1_1, false, false, 0),
+            encode_with(80, 61, SamplingFactor::F_2_2, false, false, 0),
+            encode_with(53, 70, SamplingFactor::F_2_1, false, false, 3),
+            encode_with(64, 90, SamplingFactor::F_1_1, false, true, 0),
+            encode_with(72, 56, SamplingFactor::F_2_2, true, false, 0),
+            encode_with(40, 120, SamplingFactor::F_1_2, false, false, 2),
+        ];
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut rnd = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n.max(1) as u64) as usize
+        };
+        const MARKERS: [u8; 9] = [0xD8, 0xD9, 0xDA, 0xDB, 0xC4, 0xC0, 0xC2, 0xDD, 0xD0];
+        let mut failures = Vec::new();
+        let mut img = RgbImage::default();
+        for case in 0..cases {
+            let base = &seeds[case % seeds.len()];
+            let mut b = base.clone();
+            for _ in 0..1 + rnd(4) {
+                let i = rnd(b.len());
+                match rnd(6) {
+                    0 => b[i] ^= 1 << rnd(8),
+                    1 => b[i] = rnd(256) as u8,
+                    2 => {
+                        let n = rnd(64).min(b.len() - i);
+                        let v = [0x00, 0xFF][rnd(2)];
+                        b[i..i + n].fill(v);
+                    }
+                    3 => b.truncate(i.max(3)),
+                    4 => {
+                        let (j, n) = (rnd(base.len()), 1 + rnd(48));
+                        let chunk = base[j..(j + n).min(base.len())].to_vec();
+                        b.splice(i..i, chunk);
+                    }
+                    _ => {
+                        b.splice(i..i, [0xFF, MARKERS[rnd(MARKERS.len())]]);
+                    }
+                }
+            }
+            let want = rnd(130);
+            let strict = rnd(2) == 0;
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _ = probe_jpeg(&b);
+                let _ = decode_jpeg(&b, strict);
+                match decode_jpeg_rows_into(&b, strict, &mut img, |_, _| want) {
+                    Ok((w, h)) => {
+                        assert_eq!(img.width, w);
+                        assert!(
+                            img.height >= want.min(h) && img.height <= h,
+                            "{} rows of {h}, {want} asked",
+                            img.height
+                        );
+                        assert_eq!(img.pixels.len(), w * img.height * 3);
+                    }
+                    Err(e) => assert!(!e.to_string().is_empty()),
+                }
+            }));
+            if run.is_err() {
+                failures.push((case, b));
+            }
+        }
+        if let Some((case, b)) = failures.first() {
+            let path = std::env::temp_dir().join(format!("cae-decode-fuzz-{case}.jpg"));
+            let _ = std::fs::write(&path, b);
+            panic!(
+                "{} of {cases} mutated JPEGs panicked; the first (case {case}) is saved at {}",
+                failures.len(),
+                path.display()
+            );
+        }
     }
 }

@@ -577,7 +577,11 @@ fn worker(
         let out = match work {
             Work::EndOfEpoch { epoch, total } => Done::EndOfEpoch { epoch, total },
             Work::Sample(job) => {
-                let result = process(cfg, &job, &mut ctx, &recycle, stats);
+                let result = contain_panic(&job, || process(cfg, &job, &mut ctx, &recycle, stats));
+                if result.as_ref().is_err_and(|b| b.kind == PANIC_KIND) {
+                    // A panic may leave the reused buffers half-written: start them afresh.
+                    ctx = WorkerCtx { img: RgbImage::default(), resizer: TwoViewResizer::new(&cfg.augment) };
+                }
                 Done::Sample { epoch: job.epoch, seq: job.seq, result }
             }
         };
@@ -585,6 +589,24 @@ fn worker(
             return;
         }
     }
+}
+
+/// Error kind of a sample whose processing panicked (a bug, in our code or a dependency's).
+const PANIC_KIND: &str = "panic";
+
+/// Runs a sample's processing so that a panic cannot take its worker down: the sample becomes a
+/// bad sample of kind [`PANIC_KIND`] (counted, logged with shard + key, skipped) and the run goes
+/// on. Without this, the lost sequence number would leave the assembler waiting for ever.
+fn contain_panic(job: &Job, f: impl FnOnce() -> Outcome) -> Outcome {
+    decode::catch_panic(f).unwrap_or_else(|what| {
+        let key = job.sample.as_ref().map(|s| s.key.clone()).unwrap_or_else(|_| "?".into());
+        Err(Box::new(Bad {
+            kind: PANIC_KIND,
+            shard: job.shard_name.clone(),
+            key,
+            reason: format!("processing panicked (a bug, please report it with this sample): {what}"),
+        }))
+    })
 }
 
 fn process(
@@ -802,6 +824,30 @@ mod tests {
         }
         assert_ne!(epoch_shards(13, 7, 0, 0, 1), epoch_shards(13, 7, 1, 0, 1), "epochs reshuffle");
         assert_eq!(epoch_shards(13, 7, 1, 0, 1), epoch_shards(13, 7, 1, 0, 1));
+    }
+
+    #[test]
+    fn a_panic_while_processing_becomes_a_bad_sample() {
+        let job = Job {
+            epoch: 0,
+            seq: 5,
+            shard: 1,
+            index: 2,
+            pass: 0,
+            shard_name: "train-000001.tar".into(),
+            sample: Ok(ShardSample { key: "n01440764_10026".into(), fields: vec![] }),
+        };
+        let formatted = 7;
+        let bad = contain_panic(&job, || panic!("index out of bounds: {formatted}")).err().expect("a bad sample");
+        assert_eq!((bad.kind, &*bad.shard, bad.key.as_str()), (PANIC_KIND, "train-000001.tar", "n01440764_10026"));
+        assert!(bad.reason.contains("index out of bounds: 7"), "{}", bad.reason);
+        let bad = contain_panic(&job, || std::panic::panic_any(3u8)).err().expect("a bad sample");
+        assert!(bad.reason.contains("non-text panic payload"), "{}", bad.reason);
+        // No panic: the outcome passes through untouched.
+        let ok = contain_panic(&job, || {
+            Err(Box::new(Bad { kind: "decode", shard: "s".into(), key: "k".into(), reason: "r".into() }))
+        });
+        assert_eq!(ok.err().map(|b| b.kind), Some("decode"));
     }
 
     #[test]
