@@ -18,8 +18,8 @@
 //! -1 (features of unlabeled data). The last batch may be short: nothing is dropped.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use fast_image_resize::images::{Image, ImageRef};
@@ -184,6 +184,8 @@ pub struct EvalReader {
     stats: Arc<EvalStats>,
     threads: Vec<JoinHandle<()>>,
     finished: bool,
+    /// Set when the reader thread panicked (a bug): reported instead of a silently short pass.
+    reader_panic: Arc<Mutex<Option<String>>>,
 }
 
 impl EvalReader {
@@ -218,11 +220,20 @@ impl EvalReader {
             std::thread::Builder::new().name(name).spawn(f).map_err(|e| LoaderError::Io(e.to_string()))
         };
         let mut threads = Vec::new();
+        let reader_panic = Arc::new(Mutex::new(None));
         {
-            let (stop, stats) = (stop.clone(), stats.clone());
+            let (stop, stats, slot) = (stop.clone(), stats.clone(), reader_panic.clone());
             threads.push(spawn(
                 "cae-eval-reader".into(),
-                Box::new(move || read_all(&shards, http.as_ref(), &job_tx, &permit_rx, &stop, &stats)),
+                Box::new(move || {
+                    let run = || read_all(&shards, http.as_ref(), &job_tx, &permit_rx, &stop, &stats);
+                    if let Err(what) = decode::catch_panic(run) {
+                        tracing::error!("the eval reader thread panicked: {what}");
+                        if let Ok(mut s) = slot.lock() {
+                            *s = Some(what);
+                        }
+                    }
+                }),
             )?);
         }
         for w in 0..workers {
@@ -237,7 +248,14 @@ impl EvalReader {
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        let out = process(&job, &mut img, &mut cropper);
+                        let out =
+                            decode::catch_panic(|| process(&job, &mut img, &mut cropper)).unwrap_or_else(|what| {
+                                // Buffers may be half-written: start them afresh.
+                                (img, cropper) = (RgbImage::default(), CenterCropper::new(resize, crop));
+                                let key = job.sample.as_ref().map_or("?", |s| s.key.as_str()).to_string();
+                                let reason = format!("processing panicked (a bug, please report it): {what}");
+                                Err(Bad { shard: job.shard.clone(), key, reason })
+                            });
                         if done_tx.send((job.seq, out)).is_err() {
                             return;
                         }
@@ -255,6 +273,7 @@ impl EvalReader {
             stats,
             threads,
             finished: false,
+            reader_panic,
         })
     }
 
@@ -360,6 +379,12 @@ impl Iterator for EvalReader {
                     ::metrics::counter!(m::ERRORS, "kind" => "decode").increment(1);
                     tracing::warn!("skipping sample {} of shard {}: {}", b.key, b.shard, b.reason);
                 }
+            }
+        }
+        if self.finished {
+            let panic = self.reader_panic.lock().ok().and_then(|mut s| s.take());
+            if let Some(what) = panic {
+                return Some(Err(LoaderError::Panicked { thread: "eval reader", what }));
             }
         }
         if batch.is_empty() {

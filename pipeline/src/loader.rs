@@ -124,6 +124,8 @@ pub enum LoaderError {
     NoData { rank: usize, epoch: u64 },
     #[error("i/o: {0}")]
     Io(String),
+    #[error("the loader's {thread} thread panicked (a bug, please report it): {what}")]
+    Panicked { thread: &'static str, what: String },
 }
 
 /// Counters for reports (`pipeline bench`); the same numbers go to the metrics facade.
@@ -293,7 +295,8 @@ impl Loader {
                 known_length: per_epoch.is_some(),
             };
             // The reader may sit in a blocking read when the loader is dropped: not joined.
-            spawn("cae-reader".into(), Box::new(move || reader.run(start)))?;
+            let out = reader.err_tx.clone();
+            spawn("cae-reader".into(), Box::new(move || report_panic("reader", &out, || reader.run(start))))?;
         }
         for w in 0..workers {
             let (cfg, job_rx, done_tx, recycle_rx, stats, stop) =
@@ -315,7 +318,9 @@ impl Loader {
                 stats: stats.clone(),
                 per_epoch,
             };
-            threads.push(spawn("cae-assembler".into(), Box::new(move || asm.run(done_rx, start)))?);
+            let out = asm.tx.clone();
+            let run = move || report_panic("assembler", &out, || asm.run(done_rx, start));
+            threads.push(spawn("cae-assembler".into(), Box::new(run))?);
         }
         Ok(Loader { rx, stop, threads, stats, batches_per_epoch: per_epoch })
     }
@@ -591,6 +596,15 @@ fn worker(
     }
 }
 
+/// Runs the body of the reader or assembler thread. Should it panic (a bug), the consumer gets
+/// [`LoaderError::Panicked`] instead of a stream that ends as if the epochs were done.
+fn report_panic(thread: &'static str, out: &async_channel::Sender<Result<Batch, LoaderError>>, body: impl FnOnce()) {
+    if let Err(what) = decode::catch_panic(body) {
+        tracing::error!("the loader's {thread} thread panicked: {what}");
+        let _ = out.send_blocking(Err(LoaderError::Panicked { thread, what }));
+    }
+}
+
 /// Error kind of a sample whose processing panicked (a bug, in our code or a dependency's).
 const PANIC_KIND: &str = "panic";
 
@@ -848,6 +862,24 @@ mod tests {
             Err(Box::new(Bad { kind: "decode", shard: "s".into(), key: "k".into(), reason: "r".into() }))
         });
         assert_eq!(ok.err().map(|b| b.kind), Some("decode"));
+    }
+
+    #[test]
+    fn a_panicking_loader_thread_reaches_the_consumer_as_an_error() {
+        let (tx, rx) = async_channel::bounded(1);
+        let t = std::thread::spawn(move || report_panic("reader", &tx, || panic!("shard index 9 of 4")));
+        match rx.recv_blocking() {
+            Ok(Err(LoaderError::Panicked { thread, what })) => {
+                assert_eq!((thread, what.as_str()), ("reader", "shard index 9 of 4"))
+            }
+            other => panic!("expected the panic as an error, got {:?}", other.map(|r| r.map(|b| b.index))),
+        }
+        t.join().expect("report_panic itself does not panic");
+        // A body that returns normally sends nothing.
+        let (tx, rx) = async_channel::bounded(1);
+        report_panic("assembler", &tx, || {});
+        drop(tx);
+        assert!(rx.recv_blocking().is_err(), "nothing sent");
     }
 
     #[test]
