@@ -41,7 +41,7 @@ pub fn synthetic<B: AutodiffBackend>(
     let c = &config.model;
     let b = config.data.batch_size;
     B::seed(device, config.seed);
-    let mut model = Cae::<B>::new(c, device)?;
+    let mut model = crate::model::init::with_seed(config.seed, || Cae::<B>::new(c, device))?;
     let mut optimizer = CaeOptimizer::new(&config.optim_config(), &model);
     let images = Tensor::<B, 4>::random([b, 3, c.img_size, c.img_size], Distribution::Normal(0.0, 1.0), device);
     let (vis, msk) = mask_index_tensors::<B>(

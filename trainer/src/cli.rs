@@ -350,15 +350,13 @@ fn load_encoder<B: burn::tensor::backend::Backend>(
             let ckpt = checkpoint::locate(path)?;
             let ck = checkpoint::Checkpoint::read(&ckpt)?;
             let config = RunConfig::from_resolved_toml(&ck.header.config)?;
-            B::seed(device, config.seed);
-            let enc = crate::model::Encoder::new(&config.model, device);
+            let enc = crate::model::init::with_seed(config.seed, || crate::model::Encoder::new(&config.model, device));
             Ok((enc, config.model, format!("random init (seed {}) of the net of {}", config.seed, ckpt.display())))
         }
         (None, _) => {
             let config = RunConfig::preset(crate::config::Preset::parse(&a.preset)?);
             config.model.validate()?;
-            B::seed(device, a.seed);
-            let enc = crate::model::Encoder::new(&config.model, device);
+            let enc = crate::model::init::with_seed(a.seed, || crate::model::Encoder::new(&config.model, device));
             Ok((enc, config.model, format!("random init (seed {}) of the {} preset", a.seed, a.preset)))
         }
     }

@@ -90,8 +90,7 @@ impl HostBatch {
 
 /// Weights made once (on the CPU), to load on any backend.
 pub fn reference_weights<B: Backend>(cfg: &CaeConfig, seed: u64, device: &B::Device) -> Result<Vec<u8>, CaeError> {
-    B::seed(device, seed);
-    let model = Cae::<B>::new(cfg, device)?;
+    let model = crate::model::init::with_seed(seed, || Cae::<B>::new(cfg, device))?;
     Rec::default().record(model.into_record(), ()).map_err(|e| CaeError::Config(format!("recording weights: {e}")))
 }
 

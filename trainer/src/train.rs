@@ -298,10 +298,14 @@ pub fn run<B: AutodiffBackend>(
         cae_pipeline::source::expand(&opts.shards).map_err(|e| CaeError::Data(format!("{}: {e}", opts.shards)))?;
 
     // Model, tokenizer and optimizer; a checkpoint overwrites all of them.
+    // Initial weights come from the seed alone (model/init.rs); burn's RNG, seeded too, serves
+    // the per-step randomness (drop path).
     B::seed(device, config.seed);
-    let mut model = Cae::<B>::new(&config.model, device)?;
-    let mut tokenizer =
-        (config.model.target == TargetKind::Dalle).then(|| config.model.tokenizer.init::<B::InnerBackend>(device));
+    let (mut model, mut tokenizer) = crate::model::init::with_seed(config.seed, || -> Result<_, CaeError> {
+        let model = Cae::<B>::new(&config.model, device)?;
+        let dalle = config.model.target == TargetKind::Dalle;
+        Ok((model, dalle.then(|| config.model.tokenizer.init::<B::InnerBackend>(device))))
+    })?;
     // Real DALL-E weights come from their file (also on resume); a random tokenizer from the
     // checkpoint.
     if let Some(path) = &config.tokenizer.weights

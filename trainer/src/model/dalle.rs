@@ -1,11 +1,11 @@
 //! DALL-E dVAE encoder, the frozen tokenizer (spec §3; DALLE `dall_e/encoder.py`).
 
-use burn::module::{Initializer, Module, Param, ParamId};
+use burn::module::{Initializer, Module};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::module::max_pool2d;
-use burn::tensor::{Distribution, Int, Shape, Tensor, backend::Backend};
+use burn::tensor::{Int, Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 use crate::CaeError;
@@ -87,16 +87,7 @@ fn dalle_conv<B: Backend>(n_in: usize, n_out: usize, k: usize, device: &B::Devic
         Conv2dConfig::new([n_in, n_out], [k, k]).with_padding(PaddingConfig2d::Explicit(p, p, p, p)).init(device);
     let std = 1.0 / ((n_in * k * k) as f64).sqrt();
     let shape = [n_out, n_in, k, k];
-    conv.weight = Param::uninitialized(
-        ParamId::new(),
-        move |device, require_grad| {
-            let t = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, std), device);
-            if require_grad { t.require_grad() } else { t }
-        },
-        device.clone(),
-        false,
-        Shape::from(shape),
-    );
+    conv.weight = super::init::normal(shape, std, device, false);
     conv.bias = Some(Initializer::Zeros.init([n_out], device).set_require_grad(false));
     conv
 }

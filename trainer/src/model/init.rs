@@ -7,11 +7,83 @@
 //!   *absolute* bounds ±2 (MMCV `trunc_normal_init` defaults; at std 0.02 that is 100σ, so it is
 //!   realised as a normal draw clamped to ±2, which only differs on a ~1e-2000 event);
 //! - layer scale gamma: 0.1; q_bias / v_bias: 0.
+//!
+//! Random values come from our own seeded streams, not from burn's process-wide RNG: every random
+//! parameter takes, when it is *built*, the next ChaCha8 stream of the seed set by [`with_seed`]
+//! on this thread, and draws its values on the host from that stream when first used. So the
+//! same seed gives bit-identical initial weights on every backend (CPU or CUDA), whatever else
+//! draws random numbers in the process (drop path, other threads), and whatever order the
+//! parameters are first touched in.
+
+use std::cell::Cell;
 
 use burn::module::{Initializer, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::{Distribution, Shape, Tensor, backend::Backend};
+use burn::tensor::{Shape, Tensor, TensorData, backend::Backend};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+thread_local! {
+    /// (seed, next stream) of the parameters built on this thread.
+    static STREAMS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// Runs `f` (which builds modules) with the initial weights drawn from `seed`: the parameters it
+/// builds take the seed's streams 0, 1, 2, ... in construction order. Outside any `with_seed`
+/// a thread uses seed 0. Restores the previous seed afterwards, even if `f` panics.
+pub fn with_seed<R>(seed: u64, f: impl FnOnce() -> R) -> R {
+    struct Restore((u64, u64));
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            STREAMS.set(self.0);
+        }
+    }
+    let _restore = Restore(STREAMS.replace((seed, 0)));
+    f()
+}
+
+/// The RNG of the next parameter built on this thread.
+fn next_stream() -> ChaCha8Rng {
+    let (seed, stream) = STREAMS.get();
+    STREAMS.set((seed, stream + 1));
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng
+}
+
+/// A lazily drawn parameter: `draw` fills it on the host from this parameter's own stream.
+pub fn drawn<B: Backend, const D: usize>(
+    shape: [usize; D],
+    device: &B::Device,
+    require_grad: bool,
+    draw: impl Fn(&mut ChaCha8Rng) -> f32 + Send + Sync + 'static,
+) -> Param<Tensor<B, D>> {
+    let rng = next_stream();
+    Param::uninitialized(
+        ParamId::new(),
+        move |device, require_grad| {
+            let mut rng = rng.clone();
+            let values: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| draw(&mut rng)).collect();
+            let t = Tensor::<B, D>::from_data(TensorData::new(values, shape), device);
+            if require_grad { t.require_grad() } else { t }
+        },
+        device.clone(),
+        require_grad,
+        Shape::from(shape),
+    )
+}
+
+/// A lazily drawn N(0, std²) parameter (no truncation).
+pub fn normal<B: Backend, const D: usize>(
+    shape: [usize; D],
+    std: f64,
+    device: &B::Device,
+    require_grad: bool,
+) -> Param<Tensor<B, D>> {
+    drawn(shape, device, require_grad, move |rng| (std * rng.sample::<f64, _>(StandardNormal)) as f32)
+}
 
 /// Std of the trunc-normal draws (spec §2.6).
 pub const TRUNC_NORMAL_STD: f64 = 0.02;
@@ -21,7 +93,8 @@ pub const TRUNC_NORMAL_BOUND: f64 = 2.0;
 /// `Linear(d_in -> d_out)`, weight xavier-uniform (bound √(6/(d_in+d_out))), bias 0 if present.
 /// burn stores the weight as `[d_in, d_out]`.
 pub fn xavier_linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Linear<B> {
-    let weight = Initializer::XavierUniform { gain: 1.0 }.init_with([d_in, d_out], Some(d_in), Some(d_out), device);
+    let a = (6.0 / (d_in + d_out) as f64).sqrt();
+    let weight = drawn([d_in, d_out], device, true, move |rng| rng.random_range(-a..=a) as f32);
     let bias = bias.then(|| Initializer::Zeros.init([d_out], device));
     Linear { weight, bias }
 }
@@ -32,18 +105,9 @@ pub fn trunc_normal<B: Backend, const D: usize>(
     std: f64,
     device: &B::Device,
 ) -> Param<Tensor<B, D>> {
-    let shape_for_init = shape;
-    Param::uninitialized(
-        ParamId::new(),
-        move |device, require_grad| {
-            let t = Tensor::<B, D>::random(shape_for_init, Distribution::Normal(0.0, std), device)
-                .clamp(-TRUNC_NORMAL_BOUND, TRUNC_NORMAL_BOUND);
-            if require_grad { t.require_grad() } else { t }
-        },
-        device.clone(),
-        true,
-        Shape::from(shape),
-    )
+    drawn(shape, device, true, move |rng| {
+        (std * rng.sample::<f64, _>(StandardNormal)).clamp(-TRUNC_NORMAL_BOUND, TRUNC_NORMAL_BOUND) as f32
+    })
 }
 
 /// A lazily filled constant parameter (layer scale 0.1, q/v bias 0).
