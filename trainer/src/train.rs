@@ -253,6 +253,7 @@ fn save<B: AutodiffBackend>(
         shards: Some(shards.to_string()),
         loss_scaler: scaler.enabled.then_some(*scaler),
         sections: Vec::new(),
+        section_crc32: Vec::new(),
     };
     let path = checkpoint::write(run_dir, &header, &sections, config.checkpoint.keep_last)?;
     ::metrics::counter!(m::CHECKPOINTS).increment(1);
