@@ -426,4 +426,79 @@ mod tests {
         let out: Vec<_> = SampleReader::new(&good[..good.len() / 2]).collect();
         assert!(out.last().unwrap().is_err(), "truncation must be reported");
     }
+
+    /// Mutation fuzzing of the shard reader (webdataset-rs's tar parser plus our grouping): bit
+    /// flips, overwritten runs, cuts and splices, in headers (names, sizes, checksums, ustar and
+    /// long-name fields) and payloads. Reading never panics and always ends, with at most one
+    /// item per 512-byte block. `CAE_WDS_FUZZ_CASES` raises the count for a long local run.
+    #[test]
+    fn mutated_shards_never_panic_and_always_end() {
+        let cases: usize = std::env::var("CAE_WDS_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.tar");
+        let long_key = "k".repeat(120); // a GNU long-name / pax member
+        let samples: Vec<(String, Fields<'_>)> = (0..5)
+            .map(|i| {
+                let key = if i == 2 { long_key.clone() } else { format!("n0144_{i}") };
+                (key, vec![("jpg", vec![i as u8; 300 + 250 * i]), ("cls", format!("{i}").into_bytes())])
+            })
+            .collect();
+        let refs: Vec<(&str, Fields<'_>)> = samples.iter().map(|(k, f)| (k.as_str(), f.clone())).collect();
+        write_shard(&path, &refs);
+        let good = std::fs::read(&path).unwrap();
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rnd = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n.max(1) as u64) as usize
+        };
+        let mut failures = Vec::new();
+        for case in 0..cases {
+            let mut b = good.clone();
+            for _ in 0..1 + rnd(3) {
+                // Headers are where parsing happens: aim half the mutations at a header block.
+                let i = if rnd(2) == 0 { (rnd(b.len()) / 512) * 512 + rnd(512) } else { rnd(b.len()) }.min(b.len() - 1);
+                match rnd(5) {
+                    0 => b[i] ^= 1 << rnd(8),
+                    1 => b[i] = [b'0', b'7', b' ', 0, 0xFF, b'9'][rnd(6)],
+                    2 => {
+                        let n = rnd(24).min(b.len() - i);
+                        b[i..i + n].fill([0x00, 0xFF, b'7'][rnd(3)]);
+                    }
+                    3 => b.truncate(i),
+                    _ => {
+                        let (j, n) = (rnd(good.len()), 1 + rnd(600));
+                        b.splice(i..i, good[j..(j + n).min(good.len())].iter().copied());
+                    }
+                }
+                if b.is_empty() {
+                    break;
+                }
+            }
+            let limit = b.len() / 512 + 2;
+            let run = std::panic::catch_unwind(|| {
+                let mut items = 0;
+                for r in SampleReader::new(&b[..]) {
+                    items += 1;
+                    assert!(items <= limit, "reader does not end: {items} items from {} bytes", b.len());
+                    if let Ok(s) = r {
+                        let _ = s.class();
+                    }
+                }
+            });
+            if run.is_err() {
+                failures.push((case, b));
+            }
+        }
+        if let Some((case, b)) = failures.first() {
+            let path = std::env::temp_dir().join(format!("cae-wds-fuzz-{case}.tar"));
+            let _ = std::fs::write(&path, b);
+            panic!(
+                "{} of {cases} mutated shards panicked; the first (case {case}) is saved at {}",
+                failures.len(),
+                path.display()
+            );
+        }
+    }
 }
