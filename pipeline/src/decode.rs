@@ -437,7 +437,7 @@ mod tests {
     /// contract. `CAE_DECODE_FUZZ_CASES` raises the count for a long local run (in release).
     #[test]
     fn mutated_jpegs_never_panic_and_keep_the_size_contract() {
-        let cases: usize = std::env::var("CAE_DECODE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
+        let cases = crate::fuzz::cases("CAE_DECODE_FUZZ_CASES", 1500);
         let seeds = [
             encode_with(67, 93, SamplingFactor::F_1_1, false, false, 0),
             encode_with(80, 61, SamplingFactor::F_2_2, false, false, 0),
@@ -446,13 +446,8 @@ mod tests {
             encode_with(72, 56, SamplingFactor::F_2_2, true, false, 0),
             encode_with(40, 120, SamplingFactor::F_1_2, false, false, 2),
         ];
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut rnd = move |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n.max(1) as u64) as usize
-        };
+        let mut rng = crate::fuzz::Xorshift::new(0x2545_F491_4F6C_DD1D);
+        let mut rnd = move |n: usize| rng.next(n);
         const MARKERS: [u8; 9] = [0xD8, 0xD9, 0xDA, 0xDB, 0xC4, 0xC0, 0xC2, 0xDD, 0xD0];
         let mut failures = Vec::new();
         let mut img = RgbImage::default();
@@ -502,14 +497,6 @@ mod tests {
                 failures.push((case, b));
             }
         }
-        if let Some((case, b)) = failures.first() {
-            let path = std::env::temp_dir().join(format!("cae-decode-fuzz-{case}.jpg"));
-            let _ = std::fs::write(&path, b);
-            panic!(
-                "{} of {cases} mutated JPEGs panicked; the first (case {case}) is saved at {}",
-                failures.len(),
-                path.display()
-            );
-        }
+        crate::fuzz::report(&failures, cases, "decode-fuzz", "jpg");
     }
 }

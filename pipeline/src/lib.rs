@@ -17,6 +17,8 @@ pub mod augment;
 pub mod batch;
 pub mod decode;
 pub mod eval;
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 pub mod loader;
 pub mod manifest;

@@ -433,7 +433,7 @@ mod tests {
     /// item per 512-byte block. `CAE_WDS_FUZZ_CASES` raises the count for a long local run.
     #[test]
     fn mutated_shards_never_panic_and_always_end() {
-        let cases: usize = std::env::var("CAE_WDS_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+        let cases = crate::fuzz::cases("CAE_WDS_FUZZ_CASES", 2000);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.tar");
         let long_key = "k".repeat(120); // a GNU long-name / pax member
@@ -446,13 +446,8 @@ mod tests {
         let refs: Vec<(&str, Fields<'_>)> = samples.iter().map(|(k, f)| (k.as_str(), f.clone())).collect();
         write_shard(&path, &refs);
         let good = std::fs::read(&path).unwrap();
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut rnd = move |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n.max(1) as u64) as usize
-        };
+        let mut rng = crate::fuzz::Xorshift::new(0x9E37_79B9_7F4A_7C15);
+        let mut rnd = move |n: usize| rng.next(n);
         let mut failures = Vec::new();
         for case in 0..cases {
             let mut b = good.clone();
@@ -491,14 +486,6 @@ mod tests {
                 failures.push((case, b));
             }
         }
-        if let Some((case, b)) = failures.first() {
-            let path = std::env::temp_dir().join(format!("cae-wds-fuzz-{case}.tar"));
-            let _ = std::fs::write(&path, b);
-            panic!(
-                "{} of {cases} mutated shards panicked; the first (case {case}) is saved at {}",
-                failures.len(),
-                path.display()
-            );
-        }
+        crate::fuzz::report(&failures, cases, "wds-fuzz", "tar");
     }
 }
