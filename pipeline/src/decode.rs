@@ -232,19 +232,6 @@ fn start<'a>(bytes: &'a [u8], strict: bool, out: &mut RgbImage) -> Result<(Decod
     Ok((dec, w, h))
 }
 
-/// Runs `f`, turning a panic into `Err(panic message)`. Decoders (ours and the `image` crate's)
-/// should never panic on hostile bytes, but one that does must cost a sample, not the run: the
-/// loader's workers and the sharder's process every untrusted sample through this.
-pub fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
-        payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "non-text panic payload".into())
-    })
-}
-
 /// Reads the Orientation tag (0x0112) from a raw EXIF block (with or without the `Exif\0\0`
 /// prefix). Returns `None` when absent or malformed.
 pub fn exif_orientation(exif: &[u8]) -> Option<u8> {
@@ -420,15 +407,6 @@ mod tests {
         let mut top = RgbImage::default();
         decode_jpeg_rows_into(&jpg, true, &mut top, |_, _| 64).expect("top rows are intact");
         assert!(top.height >= 64 && top.height < h);
-    }
-
-    #[test]
-    fn catch_panic_returns_the_message() {
-        assert_eq!(catch_panic(|| 5), Ok(5));
-        let n = 3;
-        assert_eq!(catch_panic(|| -> u8 { panic!("row {n} out of range") }), Err("row 3 out of range".to_string()));
-        assert_eq!(catch_panic(|| -> u8 { panic!("static text") }), Err("static text".to_string()));
-        assert_eq!(catch_panic(|| -> u8 { std::panic::panic_any(1.5f32) }), Err("non-text panic payload".to_string()));
     }
 
     /// Mutation fuzzing of every decode entry point: flipped bits, overwritten runs, cuts,

@@ -167,6 +167,8 @@ struct Good {
 }
 
 struct Bad {
+    /// Error kind for `cae_pipeline_errors_total` (`decode`, or `panic` for a caught bug).
+    kind: &'static str,
     shard: Arc<str>,
     key: String,
     reason: String,
@@ -227,7 +229,7 @@ impl EvalReader {
                 "cae-eval-reader".into(),
                 Box::new(move || {
                     let run = || read_all(&shards, http.as_ref(), &job_tx, &permit_rx, &stop, &stats);
-                    if let Err(what) = decode::catch_panic(run) {
+                    if let Err(what) = crate::guard::catch_panic(run) {
                         tracing::error!("the eval reader thread panicked: {what}");
                         if let Ok(mut s) = slot.lock() {
                             *s = Some(what);
@@ -248,14 +250,15 @@ impl EvalReader {
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        let out =
-                            decode::catch_panic(|| process(&job, &mut img, &mut cropper)).unwrap_or_else(|what| {
+                        let out = crate::guard::catch_panic(|| process(&job, &mut img, &mut cropper)).unwrap_or_else(
+                            |what| {
                                 // Buffers may be half-written: start them afresh.
                                 (img, cropper) = (RgbImage::default(), CenterCropper::new(resize, crop));
                                 let key = job.sample.as_ref().map_or("?", |s| s.key.as_str()).to_string();
                                 let reason = format!("processing panicked (a bug, please report it): {what}");
-                                Err(Bad { shard: job.shard.clone(), key, reason })
-                            });
+                                Err(Bad { kind: "panic", shard: job.shard.clone(), key, reason })
+                            },
+                        );
                         if done_tx.send((job.seq, out)).is_err() {
                             return;
                         }
@@ -327,7 +330,8 @@ fn read_all(
 }
 
 fn process(job: &Job, img: &mut RgbImage, cropper: &mut CenterCropper) -> Result<Good, Bad> {
-    let bad = |key: &str, reason: String| Bad { shard: job.shard.clone(), key: key.to_string(), reason };
+    let bad =
+        |key: &str, reason: String| Bad { kind: "decode", shard: job.shard.clone(), key: key.to_string(), reason };
     let sample = job.sample.as_ref().map_err(|e| bad("?", e.clone()))?;
     let label = match sample.class() {
         None => -1,
@@ -376,7 +380,7 @@ impl Iterator for EvalReader {
                 }
                 Err(b) => {
                     self.stats.bad_samples.fetch_add(1, Ordering::Relaxed);
-                    ::metrics::counter!(m::ERRORS, "kind" => "decode").increment(1);
+                    ::metrics::counter!(m::ERRORS, "kind" => b.kind).increment(1);
                     tracing::warn!("skipping sample {} of shard {}: {}", b.key, b.shard, b.reason);
                 }
             }

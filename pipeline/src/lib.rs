@@ -7,7 +7,8 @@
 //! - [`wds`]: the shard format (shared with the sharder); [`manifest`]: `manifest.json`.
 //! - [`source`]: shard lists (paths, URLs, brace patterns, manifest directories); [`http`]: streaming
 //!   HTTP reads on tokio with retries.
-//! - [`decode`]: JPEG probing and decoding (zune-jpeg).
+//! - [`decode`]: JPEG probing and decoding (zune-jpeg); [`guard`]: panics in untrusted-input
+//!   code contained as errors.
 //! - [`augment`]: flip + one RandomResizedCrop box -> 224 bicubic and 112 Lanczos views (spec §1).
 //! - [`mask`]: the block-wise mask generator (spec §1.1).
 //! - [`batch`]: the `Batch` contract and normalisation; [`loader`]: the threads; [`metrics`]: names.
@@ -19,6 +20,7 @@ pub mod decode;
 pub mod eval;
 #[cfg(test)]
 mod fuzz;
+pub mod guard;
 pub mod http;
 pub mod loader;
 pub mod manifest;

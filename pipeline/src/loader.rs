@@ -597,9 +597,11 @@ fn worker(
 }
 
 /// Runs the body of the reader or assembler thread. Should it panic (a bug), the consumer gets
-/// [`LoaderError::Panicked`] instead of a stream that ends as if the epochs were done.
+/// [`LoaderError::Panicked`] instead of a stream that ends as if the epochs were done. (After a
+/// reader panic the error may overtake the last good batches still in the workers: harmless, the
+/// consumer stops at the first error.)
 fn report_panic(thread: &'static str, out: &async_channel::Sender<Result<Batch, LoaderError>>, body: impl FnOnce()) {
-    if let Err(what) = decode::catch_panic(body) {
+    if let Err(what) = crate::guard::catch_panic(body) {
         tracing::error!("the loader's {thread} thread panicked: {what}");
         let _ = out.send_blocking(Err(LoaderError::Panicked { thread, what }));
     }
@@ -612,7 +614,7 @@ const PANIC_KIND: &str = "panic";
 /// bad sample of kind [`PANIC_KIND`] (counted, logged with shard + key, skipped) and the run goes
 /// on. Without this, the lost sequence number would leave the assembler waiting for ever.
 fn contain_panic(job: &Job, f: impl FnOnce() -> Outcome) -> Outcome {
-    decode::catch_panic(f).unwrap_or_else(|what| {
+    crate::guard::catch_panic(f).unwrap_or_else(|what| {
         let key = job.sample.as_ref().map(|s| s.key.clone()).unwrap_or_else(|_| "?".into());
         Err(Box::new(Bad {
             kind: PANIC_KIND,

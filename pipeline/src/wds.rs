@@ -129,7 +129,16 @@ impl<R: Read> SampleReader<R> {
         if let Some(e) = self.pending.take() {
             return Some(Ok(e));
         }
-        match self.entries.next()? {
+        // A parser panic on hostile bytes ends the shard like any broken tar structure.
+        let next = match crate::guard::catch_panic(|| self.entries.next()) {
+            Ok(next) => next?,
+            Err(what) => {
+                self.done = true;
+                let message = format!("the tar parser panicked (a bug, please report it with this shard): {what}");
+                return Some(Err(WdsError::Tar { after_sample: self.samples, message }));
+            }
+        };
+        match next {
             Ok(e) => Some(Ok(e)),
             Err(e) => {
                 self.done = true;
@@ -425,6 +434,36 @@ mod tests {
         // Truncated in the middle of a member.
         let out: Vec<_> = SampleReader::new(&good[..good.len() / 2]).collect();
         assert!(out.last().unwrap().is_err(), "truncation must be reported");
+    }
+
+    #[test]
+    fn a_panic_below_the_reader_ends_the_shard_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.tar");
+        let samples: Vec<(String, Fields<'_>)> =
+            (0..3).map(|i| (format!("k{i}"), vec![("jpg", vec![i as u8; 600]), ("cls", b"0".to_vec())])).collect();
+        let refs: Vec<(&str, Fields<'_>)> = samples.iter().map(|(k, f)| (k.as_str(), f.clone())).collect();
+        write_shard(&path, &refs);
+        /// Panics once the first sample (cls 1024 + jpg 1536 bytes) has been read.
+        struct Bomb(Vec<u8>, usize);
+        impl Read for Bomb {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                assert!(self.1 < 2560, "reader bug at byte {}", self.1);
+                let n = buf.len().min(self.0.len() - self.1).min(512);
+                buf[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
+                self.1 += n;
+                Ok(n)
+            }
+        }
+        let out: Vec<_> = SampleReader::new(Bomb(std::fs::read(&path).unwrap(), 0)).collect();
+        assert_eq!(out.len(), 2, "the first sample, then the error");
+        assert_eq!(out[0].as_ref().unwrap().key, "k0");
+        match &out[1] {
+            Err(WdsError::Tar { after_sample: 1, message }) => {
+                assert!(message.contains("panicked") && message.contains("reader bug at byte 2560"), "{message}")
+            }
+            other => panic!("expected a tar error, got {other:?}"),
+        }
     }
 
     /// Mutation fuzzing of the shard reader (webdataset-rs's tar parser plus our grouping): bit

@@ -103,8 +103,8 @@ pub fn process(file: &InputFile, opts: &ProcessOptions, bytes_read: &mut u64) ->
         Ok(n) => *bytes_read += n as u64,
         Err(e) => return reject(format!("unreadable: {e}")),
     }
-    let prepared = decode::catch_panic(|| prepare(bytes, opts))
-        .unwrap_or_else(|what| Err(format!("the decoder panicked (a bug, please report it with this file): {what}")));
+    let prepared = cae_pipeline::guard::catch_panic(|| prepare(bytes, opts))
+        .unwrap_or_else(|what| Err(format!("processing panicked (a bug, please report it with this file): {what}")));
     match prepared {
         Ok((jpg, width, height, action, reason)) => Outcome::Sample(Box::new(Prepared {
             key: file.key.clone(),

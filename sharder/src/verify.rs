@@ -118,7 +118,7 @@ pub fn verify(
             match s.get(IMAGE_EXT) {
                 None => problem(Some(s.key.clone()), format!("no .{IMAGE_EXT} member")),
                 Some(bytes) if decode_images => {
-                    match decode::catch_panic(|| decode::decode_jpeg_into(bytes, true, &mut img)) {
+                    match cae_pipeline::guard::catch_panic(|| decode::decode_jpeg_into(bytes, true, &mut img)) {
                         Ok(Ok(())) => report.decoded += 1,
                         Ok(Err(e)) => problem(Some(s.key.clone()), format!("image does not decode: {e}")),
                         Err(what) => problem(Some(s.key.clone()), format!("the decoder panicked (a bug): {what}")),

@@ -3,13 +3,15 @@
 //! Layout of `<run>/checkpoints/step-00000100.ckpt`:
 //!
 //! ```text
-//! b"CAECKPT1"  u64 LE: length of the JSON header  JSON header  section bytes, back to back
+//! b"CAECKPT2"  u64 LE: length of the JSON header  u32 LE: CRC-32 of the JSON header
+//! JSON header  section bytes, back to back
 //! ```
 //!
 //! The JSON header ([`CheckpointHeader`]) holds the step, the pipeline's resume state, the
-//! resolved run config (TOML text), the byte length of every section and its CRC-32, which
-//! reading checks (a corrupt file is reported as such, naming the section, instead of decoding
-//! garbage; checkpoints written before the CRC-32s were added are read without the check). Sections are burn
+//! resolved run config (TOML text), the byte length of every section and its CRC-32. Reading
+//! checks every CRC, so a corrupt file is refused, naming the header or the section, instead of
+//! resuming from wrong state or decoding garbage. Files of the first layout (`CAECKPT1`: no
+//! header CRC, no section CRCs) are still read, without those checks. Sections are burn
 //! records in named MessagePack at full precision (f32 stays f32, so a resumed CPU run is bit
 //! for bit the uninterrupted one): `model` (encoder, teacher, regressor, decoder),
 //! `optimizer` (AdamW moments and step counts of both weight-decay groups) and, for a random
@@ -32,7 +34,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::CaeError;
 
-const MAGIC: &[u8; 8] = b"CAECKPT1";
+const MAGIC: &[u8; 8] = b"CAECKPT2";
+/// The first layout: no CRCs. Read, never written.
+const MAGIC_V1: &[u8; 8] = b"CAECKPT1";
 /// Sub-directory of a run dir that holds its checkpoints.
 pub const CHECKPOINT_DIR: &str = "checkpoints";
 const EXT: &str = "ckpt";
@@ -88,7 +92,7 @@ impl Checkpoint {
         let bytes = self.section(name)?.to_vec();
         let bad = |reason: String| CaeError::Checkpoint { path: self.path.clone(), reason };
         // burn's decoder panics on some malformed input (e.g. a bad parameter id): an error.
-        cae_pipeline::decode::catch_panic(|| <Rec as Recorder<B>>::load(&Rec::default(), bytes, device))
+        cae_pipeline::guard::catch_panic(|| <Rec as Recorder<B>>::load(&Rec::default(), bytes, device))
             .map_err(|what| bad(format!("section {name:?} does not decode: {what}")))?
             .map_err(|e| bad(format!("section {name:?} does not fit this model: {e}")))
     }
@@ -110,22 +114,29 @@ impl Checkpoint {
     pub fn read(path: &Path) -> Result<Self, CaeError> {
         let bytes = fs::read(path).map_err(CaeError::io(path))?;
         let bad = |reason: String| CaeError::Checkpoint { path: path.to_path_buf(), reason };
-        if bytes.len() < 16 || &bytes[..8] != MAGIC {
+        let v2 = bytes.len() >= 20 && &bytes[..8] == MAGIC;
+        if !v2 && (bytes.len() < 16 || &bytes[..8] != MAGIC_V1) {
             return Err(bad("not a CAE checkpoint (bad magic)".into()));
         }
-        let mut len = [0u8; 8];
-        len.copy_from_slice(&bytes[8..16]);
-        let hlen = u64::from_le_bytes(len) as usize;
-        let body = &bytes[16..];
+        let u64_at = |at: usize| bytes.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+        let hlen = u64_at(8).unwrap_or(0) as usize;
+        let body = &bytes[if v2 { 20 } else { 16 }..];
         if hlen > body.len() {
             return Err(bad(format!("header length {hlen} exceeds the file")));
         }
-        let header: CheckpointHeader =
-            serde_json::from_slice(&body[..hlen]).map_err(|e| bad(format!("bad header: {e}")))?;
+        let json = &body[..hlen];
+        if v2 {
+            let want = bytes.get(16..20).and_then(|b| b.try_into().ok()).map_or(0, u32::from_le_bytes);
+            let got = crc32fast::hash(json);
+            if got != want {
+                return Err(bad(format!("the header is corrupt: its CRC-32 is {got:08x}, the file says {want:08x}")));
+            }
+        }
+        let header: CheckpointHeader = serde_json::from_slice(json).map_err(|e| bad(format!("bad header: {e}")))?;
         let mut rest = &body[hlen..];
         let mut sections = Vec::new();
         let crcs = &header.section_crc32;
-        if !crcs.is_empty() && crcs.len() != header.sections.len() {
+        if (v2 || !crcs.is_empty()) && crcs.len() != header.sections.len() {
             return Err(bad(format!("{} section CRC-32s for {} sections", crcs.len(), header.sections.len())));
         }
         for (i, (name, n)) in header.sections.iter().enumerate() {
@@ -218,6 +229,7 @@ pub fn write(
         let mut f = fs::File::create(&tmp).map_err(CaeError::io(&tmp))?;
         f.write_all(MAGIC).map_err(CaeError::io(&tmp))?;
         f.write_all(&(json.len() as u64).to_le_bytes()).map_err(CaeError::io(&tmp))?;
+        f.write_all(&crc32fast::hash(&json).to_le_bytes()).map_err(CaeError::io(&tmp))?;
         f.write_all(&json).map_err(CaeError::io(&tmp))?;
         for (_, b) in sections {
             f.write_all(b).map_err(CaeError::io(&tmp))?;
@@ -301,24 +313,45 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_section_is_named_and_old_files_without_crcs_still_read() {
+    fn a_corrupt_header_or_section_is_named_and_old_files_without_crcs_still_read() {
         let tmp = tempfile::tempdir().unwrap();
         let p = write(tmp.path(), &header(5), &[("model", vec![9; 100]), ("optimizer", vec![7; 50])], 3).unwrap();
-        let mut bytes = fs::read(&p).unwrap();
-        let n = bytes.len();
-        bytes[n - 60] ^= 0x10; // inside "model", 10 bytes before "optimizer" starts
+        let good = fs::read(&p).unwrap();
+        let n = good.len();
         let bad = tmp.path().join("bad.ckpt");
+        let mut bytes = good.clone();
+        bytes[n - 60] ^= 0x10; // inside "model", 10 bytes before "optimizer" starts
         fs::write(&bad, &bytes).unwrap();
         let e = Checkpoint::read(&bad).unwrap_err().to_string();
         assert!(e.contains("section \"model\" is corrupt") && e.contains("CRC-32"), "{e}");
+        // A header that still parses but says another step ("step":5 -> "step":7).
+        let text = String::from_utf8_lossy(&good).into_owned();
+        let at = text.find("\"step\":5").expect("the header holds the step") + 7;
+        let mut bytes = good.clone();
+        bytes[at] = b'7';
+        fs::write(&bad, &bytes).unwrap();
+        let e = Checkpoint::read(&bad).unwrap_err().to_string();
+        assert!(e.contains("the header is corrupt"), "{e}");
+        // CRC-32s dropped from a new-layout header: refused, not read unchecked.
+        let mut h = Checkpoint::read(&p).unwrap().header;
+        h.section_crc32.clear();
+        let json = serde_json::to_vec(&h).unwrap();
+        let mut file = MAGIC.to_vec();
+        file.extend((json.len() as u64).to_le_bytes());
+        file.extend(crc32fast::hash(&json).to_le_bytes());
+        file.extend(json);
+        file.extend(&good[n - 150..]);
+        fs::write(&bad, file).unwrap();
+        let e = Checkpoint::read(&bad).unwrap_err().to_string();
+        assert!(e.contains("0 section CRC-32s for 2 sections"), "{e}");
 
-        // Written before CRC-32s existed: same layout, no `section_crc32` in the header.
+        // The first layout: no header CRC, no `section_crc32` in the header.
         let c = Checkpoint::read(&p).unwrap();
         let mut old = c.header.clone();
         old.section_crc32.clear();
         let json = serde_json::to_vec(&old).unwrap();
         assert!(!String::from_utf8_lossy(&json).contains("crc32"));
-        let mut file = MAGIC.to_vec();
+        let mut file = MAGIC_V1.to_vec();
         file.extend((json.len() as u64).to_le_bytes());
         file.extend(json);
         file.extend(vec![9; 100]);

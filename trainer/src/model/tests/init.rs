@@ -124,7 +124,25 @@ fn initial_weights_depend_on_the_seed_alone() {
     // The encoder is built first, so a random-init encoder equals a fresh model's.
     let enc = all_values(&with_seed(5, || Encoder::<B>::new(&c, &dev)));
     assert!(plain[..enc.len()] == enc[..], "Encoder::new and Cae::new(..).encoder differ for one seed");
-    // The seed scope ends with `with_seed`: the next model on this thread is not seed 5's again.
+    // The seed scope ends with `with_seed`: outside it this (fresh test) thread is back on seed 0,
+    // stream 0 — nothing was built outside a scope yet.
     let after = all_values(&Cae::<B>::new(&c, &dev).unwrap());
+    assert!(after == all_values(&with_seed(0, || Cae::<B>::new(&c, &dev)).unwrap()));
     assert!(after != plain);
+}
+
+/// DALL-E convs (spec §3, `dall_e/encoder.py`): w ~ N(0, 1/(n_in·k²)), b = 0.
+#[test]
+fn dalle_conv_init_statistics() {
+    let dev = device();
+    let c = crate::model::DalleConfig::micro();
+    let enc = crate::model::init::with_seed(3, || c.init::<B>(&dev));
+    let w_out = 8 * c.n_hid; // the last group's width
+    for (name, conv, n_in, k) in [("input", &enc.input, 3, 7), ("output", &enc.output, w_out, 1)] {
+        let (mean, std, _) = stats(&to_vec(conv.weight.val()));
+        let want = 1.0 / ((n_in * k * k) as f64).sqrt();
+        assert!((std - want).abs() < 0.05 * want, "{name}: std {std} vs {want}");
+        assert!(mean.abs() < 0.05 * want, "{name}: mean {mean}");
+        assert_const(name, conv.bias.as_ref().unwrap(), 0.0);
+    }
 }
