@@ -413,15 +413,21 @@ mod tests {
         assert_eq!(out[1].as_ref().unwrap().key, "y");
     }
 
-    #[test]
-    fn corrupt_header_stops_with_error_and_truncation_is_reported() {
+    /// The bytes of a shard of `n` samples `k0, k1, ...`: a 600-byte `.jpg` and a `.cls` each
+    /// (per sample: cls 512 + 512, jpg 512 + 1024 bytes).
+    fn small_shard(n: usize) -> Vec<u8> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.tar");
         let samples: Vec<(String, Fields<'_>)> =
-            (0..4).map(|i| (format!("k{i}"), vec![("jpg", vec![i as u8; 600]), ("cls", b"0".to_vec())])).collect();
+            (0..n).map(|i| (format!("k{i}"), vec![("jpg", vec![i as u8; 600]), ("cls", b"0".to_vec())])).collect();
         let refs: Vec<(&str, Fields<'_>)> = samples.iter().map(|(k, f)| (k.as_str(), f.clone())).collect();
         write_shard(&path, &refs);
-        let good = std::fs::read(&path).unwrap();
+        std::fs::read(&path).unwrap()
+    }
+
+    #[test]
+    fn corrupt_header_stops_with_error_and_truncation_is_reported() {
+        let good = small_shard(4);
 
         // Flip a byte inside the third sample's first header: checksum fails there.
         let mut bad = good.clone();
@@ -438,12 +444,6 @@ mod tests {
 
     #[test]
     fn a_panic_below_the_reader_ends_the_shard_with_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.tar");
-        let samples: Vec<(String, Fields<'_>)> =
-            (0..3).map(|i| (format!("k{i}"), vec![("jpg", vec![i as u8; 600]), ("cls", b"0".to_vec())])).collect();
-        let refs: Vec<(&str, Fields<'_>)> = samples.iter().map(|(k, f)| (k.as_str(), f.clone())).collect();
-        write_shard(&path, &refs);
         /// Panics once the first sample (cls 1024 + jpg 1536 bytes) has been read.
         struct Bomb(Vec<u8>, usize);
         impl Read for Bomb {
@@ -455,7 +455,7 @@ mod tests {
                 Ok(n)
             }
         }
-        let out: Vec<_> = SampleReader::new(Bomb(std::fs::read(&path).unwrap(), 0)).collect();
+        let out: Vec<_> = SampleReader::new(Bomb(small_shard(3), 0)).collect();
         assert_eq!(out.len(), 2, "the first sample, then the error");
         assert_eq!(out[0].as_ref().unwrap().key, "k0");
         match &out[1] {
