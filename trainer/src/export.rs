@@ -198,8 +198,7 @@ mod tests {
     #[test]
     fn timm_export_has_timm_names_torch_layout_and_qv_bias() {
         let dev = Default::default();
-        Flex::seed(&dev, 4);
-        let model = Cae::<Flex>::new(&CaeConfig::micro(), &dev).unwrap();
+        let model = crate::model::init::with_seed(4, || Cae::<Flex>::new(&CaeConfig::micro(), &dev)).unwrap();
         // Non-zero q/v biases, so the concat order is visible.
         let mut enc = model.encoder.clone();
         let d = 64;

@@ -157,8 +157,7 @@ mod tests {
         type B = Flex;
         let device = Default::default();
         let cfg = CaeConfig::micro();
-        B::seed(&device, 3);
-        let enc = Encoder::<B>::new(&cfg, &device);
+        let enc = crate::model::init::with_seed(3, || Encoder::<B>::new(&cfg, &device));
         let s = cfg.img_size;
         let images: Vec<u8> = (0..2 * 3 * s * s).map(|i| ((i * 37) % 251) as u8).collect();
         let batch = EvalBatch { size: s, images, labels: vec![0, 1], keys: vec!["a".into(), "b".into()] };

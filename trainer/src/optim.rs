@@ -489,8 +489,7 @@ mod tests {
         use crate::model::{CaeTargets, mask_index_tensors};
         use burn::tensor::{Distribution, Int};
         let dev = Default::default();
-        AB::seed(&dev, 77);
-        let mut model = Cae::<AB>::new(&CaeConfig::micro(), &dev).unwrap();
+        let mut model = crate::model::init::with_seed(77, || Cae::<AB>::new(&CaeConfig::micro(), &dev)).unwrap();
         let mut mask = vec![false; 32];
         for i in [0, 3, 5, 8, 13, 14, 17, 18, 22, 25, 26, 31] {
             mask[i] = true;

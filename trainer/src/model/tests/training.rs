@@ -1,8 +1,9 @@
 //! Autodiff tests: where gradients flow, the teacher hard copy, and overfitting one batch.
 
+use crate::model::init::with_seed;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::{Int, Tensor, TensorData, backend::AutodiffBackend, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData, backend::AutodiffBackend};
 
 use super::{AB, device, images, to_vec};
 use crate::model::{
@@ -68,9 +69,7 @@ fn distinct(t: &Tensor<AB, 2, Int>) -> usize {
 fn gradients_reach_student_only() {
     let dev = device();
     let c = CaeConfig::micro();
-    AB::seed(&dev, 5);
-    let model = Cae::<AB>::new(&c, &dev).unwrap();
-    let tok = DalleConfig::micro().init::<AB>(&dev);
+    let (model, tok) = with_seed(5, || (Cae::<AB>::new(&c, &dev).unwrap(), DalleConfig::micro().init::<AB>(&dev)));
     let (vis, msk) = mask_index_tensors::<AB>(&micro_mask(), 2, 16, 6, &dev).unwrap();
     let targets = CaeTargets::Tokens(tok.tokens(map_pixels(images::<AB>(2, 32, 6, &dev).clamp(0.0, 1.0))));
     let out = model.forward(images::<AB>(2, 64, 7, &dev), vis, msk, &targets).unwrap();
@@ -93,8 +92,7 @@ fn gradients_reach_student_only() {
 fn update_teacher_is_a_hard_copy_with_own_ids_and_one_step_lag() {
     let dev = device();
     let c = CaeConfig::micro();
-    AB::seed(&dev, 8);
-    let model = Cae::<AB>::new(&c, &dev).unwrap();
+    let model = with_seed(8, || Cae::<AB>::new(&c, &dev)).unwrap();
     let teacher_ids = ids(&model.teacher);
     let enc_ids = ids(&model.encoder);
     assert!(teacher_ids.iter().all(|id| !enc_ids.contains(id)), "teacher ids must differ from encoder ids");
@@ -128,9 +126,7 @@ fn update_teacher_is_a_hard_copy_with_own_ids_and_one_step_lag() {
 fn micro_overfits_one_batch() {
     let dev = device();
     let c = CaeConfig::micro();
-    AB::seed(&dev, 99);
-    let mut model = Cae::<AB>::new(&c, &dev).unwrap();
-    let tok = DalleConfig::micro().init::<AB>(&dev);
+    let (mut model, tok) = with_seed(99, || (Cae::<AB>::new(&c, &dev).unwrap(), DalleConfig::micro().init::<AB>(&dev)));
     let (vis, msk) = mask_index_tensors::<AB>(&micro_mask(), 2, 16, 6, &dev).unwrap();
     let img = images::<AB>(2, 64, 100, &dev);
     // The random tokenizer maps noise to very few distinct ids, which would make memorising
@@ -162,8 +158,7 @@ fn micro_overfits_one_batch() {
 fn pixel_target_loss_trains() {
     let dev = device();
     let c = CaeConfig { target: TargetKind::Pixels, ..CaeConfig::micro() };
-    AB::seed(&dev, 3);
-    let mut model = Cae::<AB>::new(&c, &dev).unwrap();
+    let mut model = with_seed(3, || Cae::<AB>::new(&c, &dev)).unwrap();
     let (vis, msk) = mask_index_tensors::<AB>(&micro_mask(), 2, 16, 6, &dev).unwrap();
     let img = images::<AB>(2, 64, 4, &dev);
     let targets = CaeTargets::Pixels(pixel_targets(img.clone(), 16));
@@ -186,9 +181,8 @@ fn pixel_target_loss_trains() {
 fn record_roundtrip_keeps_teacher_frozen() {
     let dev = device();
     let c = CaeConfig::micro();
-    AB::seed(&dev, 12);
-    let trained = Cae::<AB>::new(&c, &dev).unwrap();
-    let fresh = Cae::<AB>::new(&c, &dev).unwrap();
+    let trained = with_seed(12, || Cae::<AB>::new(&c, &dev)).unwrap();
+    let fresh = with_seed(13, || Cae::<AB>::new(&c, &dev)).unwrap();
     assert_ne!(values(&fresh.encoder), values(&trained.encoder));
     let loaded = fresh.load_record(trained.clone().into_record());
     assert_eq!(values(&loaded.encoder), values(&trained.encoder));
