@@ -416,7 +416,7 @@ mod tests {
     #[test]
     fn mutated_jpegs_never_panic_and_keep_the_size_contract() {
         let cases = crate::fuzz::cases("CAE_DECODE_FUZZ_CASES", 1500);
-        let seeds = [
+        let mut seeds = vec![
             encode_with(67, 93, SamplingFactor::F_1_1, false, false, 0),
             encode_with(80, 61, SamplingFactor::F_2_2, false, false, 0),
             encode_with(53, 70, SamplingFactor::F_2_1, false, false, 3),
@@ -424,6 +424,8 @@ mod tests {
             encode_with(72, 56, SamplingFactor::F_2_2, true, false, 0),
             encode_with(40, 120, SamplingFactor::F_1_2, false, false, 2),
         ];
+        // A long local run can add real files as seeds (camera JPEGs: EXIF, ICC, other tables).
+        seeds.extend(crate::fuzz::seed_files("CAE_DECODE_FUZZ_DIR", "jpg"));
         let mut rng = crate::fuzz::Xorshift::new(0x2545_F491_4F6C_DD1D);
         let mut rnd = move |n: usize| rng.next(n);
         const MARKERS: [u8; 9] = [0xD8, 0xD9, 0xDA, 0xDB, 0xC4, 0xC0, 0xC2, 0xDD, 0xD0];

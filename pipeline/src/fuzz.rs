@@ -22,6 +22,16 @@ pub fn cases(var: &str, default: usize) -> usize {
     std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// The files ending in `.ext` in the directory named by the environment variable `var`, if set.
+pub fn seed_files(var: &str, ext: &str) -> Vec<Vec<u8>> {
+    let Some(dir) = std::env::var_os(var) else { return Vec::new() };
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == ext)).collect())
+        .unwrap_or_default();
+    paths.sort();
+    paths.iter().filter_map(|p| std::fs::read(p).ok()).collect()
+}
+
 /// Fails the test if any case failed, saving the first failing input as `cae-<what>-<case>.<ext>`
 /// in the temp directory.
 pub fn report(failures: &[(usize, Vec<u8>)], cases: usize, what: &str, ext: &str) {
