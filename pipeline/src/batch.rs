@@ -94,6 +94,83 @@ pub fn normalize_imagenet(planar: &[u8], plane: usize) -> Vec<f32> {
     out
 }
 
+impl Clone for Batch {
+    /// A copy with buffers of its own (not pooled).
+    fn clone(&self) -> Self {
+        Self {
+            batch_size: self.batch_size,
+            view_size: self.view_size,
+            token_size: self.token_size,
+            grid: self.grid,
+            num_masked: self.num_masked,
+            views: self.views.clone(),
+            token_views: self.token_views.clone(),
+            masked: self.masked.clone(),
+            visible: self.visible.clone(),
+            labels: self.labels.clone(),
+            keys: self.keys.clone(),
+            epoch: self.epoch,
+            index: self.index,
+            resume: self.resume,
+            pool: None,
+        }
+    }
+}
+
+impl Batch {
+    /// A batch of generated pixels (seeded) with a fixed valid mask and no pooled buffers: the
+    /// contract above without decoding, for compute-only benchmarks. Row b masks patch i when
+    /// `(37·i + 11·b) mod N < num_masked` (exactly `num_masked` per row when gcd(37, N) = 1,
+    /// as for every square grid up to 36).
+    pub fn synthetic(
+        batch_size: usize,
+        view_size: usize,
+        token_size: usize,
+        grid: usize,
+        num_masked: usize,
+        seed: u64,
+    ) -> Self {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut bytes = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 56) as u8
+                })
+                .collect()
+        };
+        let views = bytes(batch_size * 3 * view_size * view_size);
+        let token_views = bytes(batch_size * 3 * token_size * token_size);
+        let n = grid * grid;
+        let (mut masked, mut visible) = (Vec::new(), Vec::new());
+        for b in 0..batch_size {
+            for i in 0..n {
+                let list = if (37 * i + 11 * b) % n < num_masked { &mut masked } else { &mut visible };
+                list.push(i as u32);
+            }
+        }
+        Self {
+            batch_size,
+            view_size,
+            token_size,
+            grid,
+            num_masked,
+            views,
+            token_views,
+            masked,
+            visible,
+            labels: vec![-1; batch_size],
+            keys: (0..batch_size).map(|b| format!("synthetic-{b}")).collect(),
+            epoch: 0,
+            index: 0,
+            resume: LoaderState::default(),
+            pool: None,
+        }
+    }
+}
+
 impl Drop for Batch {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
@@ -129,6 +206,27 @@ impl BufferPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every row masks exactly `num_masked` patches, rows differ, visible + masked cover the
+    /// grid once each, and a clone is equal but unpooled.
+    #[test]
+    fn synthetic_batches_keep_the_contract() {
+        for (grid, k) in [(4, 6), (8, 40), (14, 75)] {
+            let b = Batch::synthetic(3, 16, 8, grid, k, 5);
+            let n = grid * grid;
+            assert_eq!((b.masked.len(), b.visible.len()), (3 * k, 3 * (n - k)));
+            for row in 0..3 {
+                let mut all: Vec<u32> = b.masked[row * k..(row + 1) * k].to_vec();
+                all.extend_from_slice(&b.visible[row * (n - k)..(row + 1) * (n - k)]);
+                all.sort_unstable();
+                assert_eq!(all, (0..n as u32).collect::<Vec<_>>());
+            }
+            assert_ne!(b.masked[..k], b.masked[k..2 * k]);
+            assert_eq!((b.views.len(), b.token_views.len()), (3 * 3 * 16 * 16, 3 * 3 * 8 * 8));
+            let c = b.clone();
+            assert!(c.pool.is_none() && c.views == b.views && c.masked == b.masked);
+        }
+    }
 
     fn tiny_batch() -> Batch {
         Batch {

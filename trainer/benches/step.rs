@@ -4,7 +4,7 @@
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Distribution, Tensor};
-use cae_trainer::bench::synthetic_mask;
+use cae_pipeline::Batch;
 use cae_trainer::model::{Cae, CaeConfig, CaeTargets, mask_index_tensors, pixel_targets};
 use criterion::{Criterion, criterion_group, criterion_main};
 
@@ -19,8 +19,8 @@ fn bench_preset(c: &mut Criterion, name: &str, mut cfg: CaeConfig, batch: usize)
     let n = grid * grid;
     let images = Tensor::<AB, 4>::random([batch, 3, s, s], Distribution::Normal(0.0, 1.0), &dev);
     let targets = CaeTargets::Pixels(pixel_targets(images.clone(), cfg.patch_size));
-    let (vis, msk) =
-        mask_index_tensors::<AB>(&synthetic_mask(batch, n, cfg.num_mask), batch, n, cfg.num_mask, &dev).expect("mask");
+    let mask = Batch::synthetic(batch, 1, 1, grid, cfg.num_mask, 0).mask_bool();
+    let (vis, msk) = mask_index_tensors::<AB>(&mask, batch, n, cfg.num_mask, &dev).expect("mask");
     let mut group = c.benchmark_group("cae_step");
     group.sample_size(10);
     group.bench_function(format!("{name}_b{batch}"), |bch| {

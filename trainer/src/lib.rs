@@ -16,6 +16,8 @@
 //! - [`builtin`]: the built-in sample set of the no-argument run.
 //! - [`cli`]: the `trainer` command line; the only place that picks a backend.
 //! - [`error`]: the crate's typed error, [`CaeError`].
+//! - [`amp`]: mixed precision (autocast of the products; f32 master weights).
+//! - [`readback`]: every device -> host read, counted (`cae_train_host_syncs_total`).
 //!
 //! One training step: `tokens = tokenizer.tokens(map_pixels(view2))`, `out = model.forward(view1,
 //! visible_idx, masked_idx, &CaeTargets::Tokens(tokens))?`, `grads = out.loss.backward()`,
@@ -23,6 +25,7 @@
 //!
 //! The backend type is chosen only in [`cli`] (CPU: burn-flex; GPU: the `cuda` feature).
 
+pub mod amp;
 pub mod bench;
 pub mod builtin;
 pub mod checkpoint;
@@ -31,12 +34,14 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod features;
+pub mod flops;
 pub mod gpu_check;
 pub mod knn;
 pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod precision;
+pub mod readback;
 pub mod tokens;
 pub mod train;
 

@@ -37,6 +37,8 @@ pub const CHECKPOINT_SECONDS: &str = "cae_train_checkpoint_seconds";
 pub const SKIPPED_STEPS: &str = "cae_train_skipped_steps_total";
 /// Current loss scale (1 without loss scaling).
 pub const LOSS_SCALE: &str = "cae_train_loss_scale";
+/// Blocking device -> host read-backs (crate::readback): at most one per optimizer step.
+pub const HOST_SYNCS: &str = "cae_train_host_syncs_total";
 
 /// Every series the trainer exports (the pipeline's are in `cae_pipeline::metrics`).
 pub const ALL: &[&str] = &[
@@ -55,6 +57,7 @@ pub const ALL: &[&str] = &[
     CHECKPOINT_SECONDS,
     SKIPPED_STEPS,
     LOSS_SCALE,
+    HOST_SYNCS,
 ];
 
 /// Registers help texts (call after the recorder is installed).
@@ -74,6 +77,7 @@ pub fn describe() {
     describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Time to write one checkpoint");
     describe_counter!(SKIPPED_STEPS, Unit::Count, "Steps skipped on loss-scale overflow (no update)");
     describe_gauge!(LOSS_SCALE, "Dynamic loss scale (1 without loss scaling)");
+    describe_counter!(HOST_SYNCS, Unit::Count, "Blocking device-to-host read-backs of the training loop");
     cae_pipeline::metrics::describe();
 }
 

@@ -269,22 +269,24 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> CaeOptimizer<B, M> {
         (self.apply(lr, module, grads), norm)
     }
 
-    /// The training loop's step: divides the gradients by `loss_scale` (the factor the loss was
-    /// multiplied by; 1 without loss scaling), computes the global norm (on the host), and — only
-    /// when it is finite — clips and updates. Returns the module (unchanged when skipped), the
-    /// unscaled pre-clipping norm, and whether the update was applied.
-    pub fn step_scaled(&mut self, lr: f64, module: M, grads: GradientsParams, loss_scale: f64) -> (M, f64, bool) {
-        let grads = if loss_scale == 1.0 { grads } else { scale_grads(&module, grads, 1.0 / loss_scale) };
-        let (grads, norm) = clip_grad_norm(&module, grads, self.clip.unwrap_or(f64::INFINITY));
-        let norm = norm.into_data().convert::<f64>().to_vec::<f64>().ok().and_then(|v| v.first().copied());
-        let norm = norm.unwrap_or(f64::NAN);
-        if !norm.is_finite() {
-            return (module, norm, false);
-        }
-        (self.apply(lr, module, grads), norm, true)
+    /// The training loop's gradient preparation, all on the device (no host synchronisation):
+    /// divides the gradients by `loss_scale` (the factor the loss was multiplied by; 1 without
+    /// loss scaling), computes the unscaled pre-clipping global norm `[1]` and clips. Non-finite
+    /// gradients give a non-finite norm (and non-finite clipped gradients): a caller with loss
+    /// scaling reads the norm and skips the update ([`crate::precision::LossScaler`]); without,
+    /// the lazily read norm stops the run ([`crate::train`]).
+    pub fn unscale_and_clip(
+        &self,
+        module: &M,
+        grads: GradientsParams,
+        loss_scale: f64,
+    ) -> (GradientsParams, Tensor<B::InnerBackend, 1>) {
+        let grads = if loss_scale == 1.0 { grads } else { scale_grads(module, grads, 1.0 / loss_scale) };
+        clip_grad_norm(module, grads, self.clip.unwrap_or(f64::INFINITY))
     }
 
-    fn apply(&mut self, lr: f64, module: M, grads: GradientsParams) -> M {
+    /// Updates both groups with learning rate `lr` (gradients already unscaled and clipped).
+    pub fn apply(&mut self, lr: f64, module: M, grads: GradientsParams) -> M {
         let (decay_grads, no_decay_grads) = split_grads::<B, M>(&module, grads, &self.no_decay_ids);
         let module = self.decay.step(lr, module, decay_grads);
         self.no_decay.step(lr, module, no_decay_grads)
@@ -531,5 +533,43 @@ mod tests {
         // right before the last step (the one-step lag of spec §2.2).
         assert_eq!(Some(model.teacher.cls_token.val().into_data()), encoder_before_last_step);
         assert_ne!(model.teacher.cls_token.val().into_data(), model.encoder.cls_token.val().into_data());
+    }
+    /// Mixed precision keeps AdamW in f32: one update inside `autocast(Bf16)` (gradients from a
+    /// bf16 forward) equals the f32 AdamW formula on those same gradients, computed here in f64,
+    /// including the parts bf16 state would lose: at lr 1e-4 the decay factor `1 − lr·wd` and
+    /// the step `lr·m̂/(√v̂ + ε)` are below half a bf16 ulp of these weights.
+    #[test]
+    fn adamw_update_in_bf16_mode_is_the_f32_update() {
+        use crate::precision::Dtype;
+        use burn::tensor::DType;
+        let dev = Default::default();
+        let l = burn::nn::LinearConfig::new(4, 3).init::<AB>(&dev);
+        let w0: Vec<f32> = (0..12).map(|i| 0.5 + 0.01 * i as f32).collect();
+        let l = burn::nn::Linear {
+            weight: Param::from_tensor(Tensor::<AB, 2>::from_data(TensorData::new(w0.clone(), [4, 3]), &dev)),
+            bias: l.bias,
+        };
+        let x = Tensor::<AB, 2>::from_data(TensorData::new((0..8).map(|i| i as f32 - 3.5).collect(), [2, 4]), &dev);
+        let lr = 1e-4;
+        let (l1, g) = crate::amp::autocast(Dtype::Bf16, || {
+            let y = crate::amp::linear_rows(&x, &l.weight.val(), None).expect("autocast is on"); // [2, 3]
+            let grads = GradientsParams::from_grads((y.clone() * y).sum().backward(), &l);
+            let g: Vec<f32> = grads.get::<Flex, 2>(l.weight.id).expect("weight grad").into_data().to_vec().unwrap();
+            let mut opt = CaeOptimizer::new(&OptimConfig { clip_grad_norm: None, ..OptimConfig::default() }, &l);
+            (opt.apply(lr, l, grads), g)
+        });
+        assert_eq!(l1.weight.val().dtype(), DType::F32, "master weights stay f32");
+        let w1: Vec<f32> = l1.weight.val().into_data().to_vec().unwrap();
+        let (wd, eps) = (0.05f64, 1e-8f64);
+        for i in 0..12 {
+            let (w, gi) = (w0[i] as f64, g[i] as f64);
+            // First AdamW step: m̂ = g, v̂ = g² (bias corrections cancel the betas).
+            let want = w * (1.0 - lr * wd) - lr * gi / (gi.abs() + eps);
+            assert!((w1[i] as f64 - want).abs() <= 1e-6 * want.abs(), "w[{i}]: {} vs {want}", w1[i]);
+            // What bf16 weights would have kept: nothing.
+            let bf = |v: f64| burn::tensor::bf16::from_f64(v).to_f64();
+            assert_eq!(bf(want), bf(w), "the update is below bf16's resolution at w[{i}]");
+            assert_ne!(w1[i], w0[i], "but f32 master weights keep it");
+        }
     }
 }

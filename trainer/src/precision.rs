@@ -23,6 +23,18 @@ pub enum Dtype {
     F16,
 }
 
+impl Dtype {
+    /// `f32`, `bf16` or `f16` (the config's spelling).
+    pub fn parse(s: &str) -> Result<Self, CaeError> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            other => Err(CaeError::Config(format!("precision {other:?}: expected f32, bf16 or f16"))),
+        }
+    }
+}
+
 /// When loss scaling is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -30,16 +30,17 @@ pub fn attention_weights<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, heads: us
 /// - q: `[b, h, nq, hd]`, k: `[b, h, nk, hd]` (views allowed) -> `[b, h, nq, nk]`
 fn head_weights<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>) -> Tensor<B, 4> {
     let hd = q.dims()[3];
-    softmax_last(q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5)) // [b, h, nq, nk]
+    softmax_last(crate::amp::matmul(q, k.swap_dims(2, 3)) * (hd as f64).powf(-0.5)) // [b, h, nq, nk]
 }
 
-/// softmax(Q·Kᵀ·scale)·V on per-head tensors, heads merged back into channels.
+/// softmax(Q·Kᵀ·scale)·V on per-head tensors, heads merged back into channels. Under
+/// [`crate::amp::autocast`] both products run in the half type; the softmax stays f32.
 ///
 /// # Shapes
 /// - q: `[b, h, nq, hd]`, k, v: `[b, h, nk, hd]` (views allowed) -> `[b, nq, h·hd]`
 fn attend_heads<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 3> {
     let [b, h, nq, hd] = q.dims();
-    head_weights(q, k).matmul(v).swap_dims(1, 2).reshape([b, nq, h * hd]) // [b, nq, d]
+    crate::amp::matmul(head_weights(q, k), v).swap_dims(1, 2).reshape([b, nq, h * hd]) // [b, nq, d]
 }
 
 /// softmax(Q·Kᵀ·scale)·V over `heads` heads, the core of the cross-attention.

@@ -9,6 +9,7 @@ use burn::tensor::{Int, Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 use crate::CaeError;
+use crate::amp::{conv2d, to_f32};
 
 /// Shape of the DALL-E encoder (spec §3).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -126,13 +127,13 @@ impl<B: Backend> DalleBlock<B> {
     /// `[b, n_in, s, s]` -> `[b, n_out, s, s]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let id = match &self.id_path {
-            Some(conv) => conv.forward(x.clone()), // [b, n_out, s, s]
+            Some(conv) => conv2d(conv, x.clone()), // [b, n_out, s, s]
             None => x.clone(),
         };
-        let r = self.conv_1.forward(relu(x)); // [b, h, s, s]
-        let r = self.conv_2.forward(relu(r)); // [b, h, s, s]
-        let r = self.conv_3.forward(relu(r)); // [b, h, s, s]
-        let r = self.conv_4.forward(relu(r)); // [b, n_out, s, s]
+        let r = conv2d(&self.conv_1, relu(x)); // [b, h, s, s]
+        let r = conv2d(&self.conv_2, relu(r)); // [b, h, s, s]
+        let r = conv2d(&self.conv_3, relu(r)); // [b, h, s, s]
+        let r = conv2d(&self.conv_4, relu(r)); // [b, n_out, s, s]
         id + r * self.post_gain // [b, n_out, s, s]
     }
 }
@@ -158,12 +159,13 @@ pub struct DalleEncoder<B: Backend> {
 }
 
 impl<B: Backend> DalleEncoder<B> {
-    /// Logits over the vocabulary per 8x8 cell.
+    /// Logits over the vocabulary per 8x8 cell (f32). Under [`crate::amp::autocast`] the
+    /// convolutions and the activations between them are in the half type.
     ///
     /// # Shapes
     /// - x: `[b, 3, s, s]` (view 2 after `map_pixels`, values in [0.1, 0.9]) -> `[b, vocab, s/8, s/8]`
     pub fn logits(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = self.input.forward(x.detach()); // [b, n_hid, s, s]
+        let mut x = conv2d(&self.input, x.detach()); // [b, n_hid, s, s]
         for group in &self.groups {
             for block in &group.blocks {
                 x = block.forward(x); // [b, c_g, s_g, s_g]
@@ -172,7 +174,7 @@ impl<B: Backend> DalleEncoder<B> {
                 x = max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false); // [b, c_g, s_g/2, s_g/2]
             }
         }
-        self.output.forward(relu(x)).detach() // [b, vocab, s/8, s/8]
+        to_f32(conv2d(&self.output, relu(x))).detach() // [b, vocab, s/8, s/8]
     }
 
     /// Token ids = argmax over channels (the first maximum on ties), raster order.

@@ -32,7 +32,7 @@ pub struct PatchEmbed<B: Backend> {
 impl<B: Backend> PatchEmbed<B> {
     /// `[b, 3, H, W]` -> `[b, N, d]`, tokens in raster order.
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
-        let x = self.projection.forward(images); // [b, d, g, g]
+        let x = crate::amp::to_f32(crate::amp::conv2d(&self.projection, images)); // [b, d, g, g]
         x.flatten::<3>(2, 3).swap_dims(1, 2) // [b, N, d]
     }
 }

@@ -5,7 +5,8 @@
 //! products summed afterwards (burn-backend's default `linear_weight_backward`). Folding the
 //! tokens into rows first makes each of forward, input gradient and weight gradient a single
 //! `[b·n, d]` GEMM, which is what PyTorch's `F.linear` does. The result is the same function.
-//! On the CPU backend the product runs as the fused op of [`super::fused::linear`].
+//! On the CPU backend the product runs as the fused op of [`super::fused::linear`]; under
+//! [`crate::amp::autocast`] it runs in the half type.
 
 use burn::nn::Linear;
 use burn::tensor::{Tensor, backend::Backend};
@@ -14,7 +15,13 @@ use burn::tensor::{Tensor, backend::Backend};
 pub fn token_linear<B: Backend>(l: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, n, d] = x.dims();
     let bias = l.bias.as_ref().map(|b| b.val());
-    let y = super::fused::linear(x.reshape([b * n, d]), l.weight.val(), bias, |x, _, _| l.forward(x)); // [b·n, d_out]
+    let x = x.reshape([b * n, d]); // [b·n, d_in]
+    // Mixed precision: the product in the autocast type, the result in f32 (amp.rs).
+    if let Some(y) = crate::amp::linear_rows(&x, &l.weight.val(), bias.as_ref()) {
+        let d_out = y.dims()[1];
+        return y.reshape([b, n, d_out]);
+    }
+    let y = super::fused::linear(x, l.weight.val(), bias, |x, _, _| l.forward(x)); // [b·n, d_out]
     let d_out = y.dims()[1];
     y.reshape([b, n, d_out]) // [b, n, d_out]
 }

@@ -45,7 +45,8 @@ pub fn self_attention<B: Backend>(
 ) -> Tensor<B, 3> {
     let [b, n, d3] = qkv.dims();
     let (d, hd) = (d3 / 3, d3 / 3 / heads.max(1));
-    if heads == 0 || hd == 0 || n == 0 || d3 != 3 * d || d != heads * hd {
+    // Under mixed precision the products run in the half type (the composite's `amp::matmul`).
+    if heads == 0 || hd == 0 || n == 0 || d3 != 3 * d || d != heads * hd || crate::amp::active().is_some() {
         return composite(qkv);
     }
     let geo = Geometry {
@@ -78,7 +79,14 @@ pub fn cross_attention<B: Backend>(
 ) -> Tensor<B, 3> {
     let ([b, nq, d], [bk, nk, dk], vd) = (q.dims(), k.dims(), v.dims());
     let hd = d / heads.max(1);
-    if heads == 0 || hd == 0 || nq == 0 || nk == 0 || d != heads * hd || [bk, nk, dk] != [b, nk, d] || vd != [b, nk, d]
+    if heads == 0
+        || hd == 0
+        || nq == 0
+        || nk == 0
+        || d != heads * hd
+        || [bk, nk, dk] != [b, nk, d]
+        || vd != [b, nk, d]
+        || crate::amp::active().is_some()
     {
         return composite(q, k, v);
     }

@@ -7,7 +7,7 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorMetadata, activation};
+use burn::tensor::{Tensor, TensorMetadata};
 use burn_flex::FlexTensor;
 
 use super::{AutodiffFlexTensor, CHUNK, Cpu, classify, fill_chunks, from_primitive, tensor, values};
@@ -20,8 +20,18 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     match classify(x) {
         Cpu::Tracked(t) => tensor(gelu_autodiff(t)),
         Cpu::Plain(t) => tensor(gelu_forward(&t)),
-        Cpu::Other(p) => activation::gelu(from_primitive(p)),
+        Cpu::Other(p) => gelu_erf(from_primitive(p)),
     }
+}
+
+/// Exact GELU from burn ops, `½·x·(1 + erf(x/√2))`, for every backend and dtype the CPU kernels
+/// do not cover (CUDA, wgpu, half types). burn's autodiff differentiates `erf` exactly
+/// (`2/√π·e^(−u²)`), so the gradient is PyTorch's exact `Φ(x) + x·φ(x)`; burn's own `gelu`
+/// backward on the cubecl backends is the tanh approximation's derivative. With burn's fusion
+/// the chain compiles to one element-wise kernel each way.
+pub fn gelu_erf<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let cdf = (x.clone() * std::f64::consts::FRAC_1_SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5); // Φ(x)
+    x * cdf
 }
 
 /// Backward step of the custom op: `dL/dx = g · (Φ(x) + x·φ(x))`; the state is the input x.
@@ -289,5 +299,37 @@ mod tests {
         let theirs = to_vec(gelu(xd));
         let theirs: Vec<f64> = theirs.into_iter().map(f64::from).collect();
         assert!(max_abs_diff(&ours, &theirs) < 2e-6);
+    }
+    /// The path of every other backend and dtype (CUDA, wgpu, half types): `gelu_erf`'s gradient
+    /// is the exact `Φ(x) + x·φ(x)`, not the tanh approximation's derivative (which differs by up
+    /// to ~1e-3, far above this f64 comparison's tolerance). Run in f64, which the CPU kernels
+    /// do not take, so the dispatcher's fallback is what is tested.
+    #[test]
+    fn fallback_gelu_has_the_exact_erf_gradient() {
+        let dev = device();
+        let xs: Vec<f64> = (-400..=400).map(|i| i as f64 / 100.0).collect();
+        let x = Tensor::<AB, 1>::from_data(burn::tensor::TensorData::new(xs.clone(), [xs.len()]), &dev);
+        let x = x.cast(DType::F64).require_grad();
+        assert_eq!(x.dtype(), DType::F64);
+        let y = gelu(x.clone());
+        let grads = y.clone().sum().backward();
+        let dx: Vec<f64> = x.grad(&grads).expect("input gradient").into_data().convert::<f64>().to_vec().unwrap();
+        let ys: Vec<f64> = y.into_data().convert::<f64>().to_vec().unwrap();
+        let exact = |x: f64| {
+            let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            0.5 * (1.0 + reference::erf(x / std::f64::consts::SQRT_2)) + x * pdf
+        };
+        let tanh_approx = |x: f64| {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let u = c * (x + 0.044715 * x.powi(3));
+            let t = u.tanh();
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+        };
+        let worst = xs.iter().zip(&dx).map(|(&x, &d)| (d - exact(x)).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-6, "max |dGELU - exact| {worst}");
+        let tanh_gap = xs.iter().map(|&x| (tanh_approx(x) - exact(x)).abs()).fold(0.0, f64::max);
+        assert!(tanh_gap > 1e-4, "the comparison tells the two derivatives apart ({tanh_gap})");
+        let worst_y = xs.iter().zip(&ys).map(|(&x, &y)| (y - reference::gelu(x)).abs()).fold(0.0, f64::max);
+        assert!(worst_y < 1e-6, "forward {worst_y}");
     }
 }

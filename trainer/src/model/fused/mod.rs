@@ -23,7 +23,7 @@ mod linear;
 mod softmax;
 
 pub use attention::{cross_attention, self_attention};
-pub use gelu::gelu;
+pub use gelu::{gelu, gelu_erf};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use softmax::softmax_last;

@@ -1,0 +1,250 @@
+//! `trainer features` and `trainer eval knn`: frozen encoder features of shard sets, and the
+//! weighted k-NN on them.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use burn::tensor::backend::Backend;
+use clap::Args;
+
+use super::device::{DeviceKind, OnBackend, on_device};
+use crate::builtin::{self, BuiltinData};
+use crate::checkpoint;
+use crate::config::RunConfig;
+use crate::train;
+
+/// Which encoder to use, how to read the images, where to run.
+#[derive(Args, Debug, Clone)]
+pub struct EncoderArgs {
+    /// A checkpoint file, a run directory (its latest checkpoint), or an mmselfsup CAE
+    /// checkpoint (`.pth`: the full algorithm state or the extracted backbone).
+    #[arg(long, required_unless_present = "random_init")]
+    pub checkpoint: Option<PathBuf>,
+    /// Use the same network freshly initialised (the untrained baseline): the checkpoint's
+    /// config and seed, or --preset without a checkpoint.
+    #[arg(long)]
+    pub random_init: bool,
+    /// Preset of a --random-init net without --checkpoint.
+    #[arg(long, default_value = "micro")]
+    pub preset: String,
+    /// Seed of a --random-init net without --checkpoint.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Shorter side before the centre crop (default: 8/7 of the model's input size, 256 for 224).
+    #[arg(long)]
+    pub resize: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Decode threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// cpu, cuda[:N], wgpu[:N] or wgpu:cpu.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct FeaturesArgs {
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
+    /// Shards: a directory with manifest.json, a path, a brace pattern or URLs (joined by ::).
+    #[arg(long)]
+    pub shards: String,
+    /// Output file (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct KnnArgs {
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
+    /// The labeled reference set (default: the built-in sample set, generated if missing).
+    #[arg(long)]
+    pub train_shards: Option<String>,
+    /// The queries (default: the built-in validation set, generated if missing).
+    #[arg(long)]
+    pub val_shards: Option<String>,
+    /// Root of the built-in data (for the defaults above).
+    #[arg(long, default_value = "data")]
+    pub data_dir: PathBuf,
+    #[arg(long, default_value_t = 20)]
+    pub k: usize,
+    #[arg(long, default_value_t = 0.07)]
+    pub temperature: f64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A PyTorch file (`.pth`, `.pt`): an mmselfsup checkpoint to import.
+pub(super) fn is_torch_file(path: &Path) -> bool {
+    path.is_file() && crate::model::mmselfsup_weights::is_torch_checkpoint(path)
+}
+
+/// Imports an mmselfsup CAE checkpoint into the preset of matching width and depth.
+pub(super) fn import_mmselfsup<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+) -> anyhow::Result<(RunConfig, crate::model::Cae<B>, crate::model::mmselfsup_weights::ImportReport)> {
+    use crate::model::mmselfsup_weights::{load_mmselfsup, probe_mmselfsup};
+    let (dim, depth) = probe_mmselfsup(path)?;
+    let preset = crate::config::Preset::from_encoder_shape(dim, depth)?;
+    let config = RunConfig::preset(preset);
+    let model = crate::model::Cae::<B>::new(&config.model, device)?;
+    let (model, report) = load_mmselfsup(model, path)?;
+    Ok((config, model, report))
+}
+
+/// The encoder of `a` (a checkpoint's, or a fresh one) and a description of where it came from.
+fn load_encoder<B: Backend>(
+    a: &EncoderArgs,
+    device: &B::Device,
+) -> anyhow::Result<(crate::model::Encoder<B>, crate::model::CaeConfig, String)> {
+    match (&a.checkpoint, a.random_init) {
+        (Some(path), false) if is_torch_file(path) => {
+            let (_, model, report) = import_mmselfsup::<B>(path, device)?;
+            Ok((model.encoder, model.config.clone(), format!("{} (mmselfsup, {} form)", path.display(), report.form)))
+        }
+        (Some(path), false) => {
+            let ckpt = checkpoint::locate(path)?;
+            let (model, config, step) = train::load_model::<B>(&ckpt, device)?;
+            Ok((model.encoder, config.model, format!("{} (step {step})", ckpt.display())))
+        }
+        (Some(path), true) => {
+            let ckpt = checkpoint::locate(path)?;
+            let ck = checkpoint::Checkpoint::read(&ckpt)?;
+            let config = RunConfig::from_resolved_toml(&ck.header.config)?;
+            let enc = crate::model::init::with_seed(config.seed, || crate::model::Encoder::new(&config.model, device));
+            Ok((enc, config.model, format!("random init (seed {}) of the net of {}", config.seed, ckpt.display())))
+        }
+        (None, _) => {
+            let config = RunConfig::preset(crate::config::Preset::parse(&a.preset)?);
+            config.model.validate()?;
+            let enc = crate::model::init::with_seed(a.seed, || crate::model::Encoder::new(&config.model, device));
+            Ok((enc, config.model, format!("random init (seed {}) of the {} preset", a.seed, a.preset)))
+        }
+    }
+}
+
+fn eval_config(a: &EncoderArgs, model: &crate::model::CaeConfig) -> anyhow::Result<cae_pipeline::eval::EvalConfig> {
+    let resize = a.resize.unwrap_or_else(|| crate::features::default_resize(model.img_size));
+    if resize < model.img_size {
+        bail!("--resize {resize} is smaller than the model's input size {}", model.img_size);
+    }
+    Ok(cae_pipeline::eval::EvalConfig {
+        batch_size: a.batch_size.max(1),
+        workers: a.workers,
+        resize,
+        crop: model.img_size,
+        ..Default::default()
+    })
+}
+
+type FeatureSets = (Vec<crate::features::Features>, crate::model::CaeConfig, String);
+
+/// Features of each shard source in `sources`, on the backend of `a.device`.
+fn extract_features(a: &EncoderArgs, sources: &[&str]) -> anyhow::Result<FeatureSets> {
+    struct Extract<'a>(&'a EncoderArgs, &'a [&'a str]);
+    impl OnBackend for Extract<'_> {
+        type Output = FeatureSets;
+        fn run<B: Backend>(self, device: &B::Device) -> anyhow::Result<FeatureSets> {
+            let Extract(a, sources) = self;
+            let (enc, model, what) = load_encoder::<B>(a, device)?;
+            let cfg = eval_config(a, &model)?;
+            println!("encoder: {what}; images: shorter side {}, centre crop {}", cfg.resize, cfg.crop);
+            let mut out = Vec::new();
+            for s in sources {
+                let f = crate::features::extract(&enc, s, cfg.clone(), device, !a.no_progress)
+                    .with_context(|| format!("features of {s}"))?;
+                let bad =
+                    if f.bad_samples > 0 { format!(", {} bad samples skipped", f.bad_samples) } else { String::new() };
+                println!("{s}: {} images{bad}", f.len());
+                out.push(f);
+            }
+            Ok((out, model, what))
+        }
+    }
+    on_device(DeviceKind::parse(&a.device)?, Extract(a, sources))
+}
+
+pub(super) fn features_command(a: &FeaturesArgs) -> anyhow::Result<()> {
+    super::init_tracing();
+    let (mut feats, model, what) = extract_features(&a.encoder, &[&a.shards])?;
+    let f = feats.pop().context("no features")?;
+    let meta = [
+        ("encoder", what),
+        ("shards", a.shards.clone()),
+        ("dim", model.embed_dim.to_string()),
+        ("features", "cls and mean of the patch tokens, after the encoder's final LayerNorm".to_string()),
+        ("keys", "uint8 rows: UTF-8 sample keys, zero-padded".to_string()),
+    ];
+    f.save(&a.out, &meta).with_context(|| format!("writing {}", a.out.display()))?;
+    println!("wrote {} x {} features (cls, mean), labels and keys -> {}", f.len(), f.dim, a.out.display());
+    Ok(())
+}
+
+/// Weighted k-NN of `val` against `train` (features `[n, d]`, row-major) on a backend.
+struct Knn<'a> {
+    train: (&'a [f32], &'a [i64]),
+    val: (&'a [f32], &'a [i64]),
+    dim: usize,
+    k: usize,
+    temperature: f64,
+}
+
+impl OnBackend for Knn<'_> {
+    type Output = crate::knn::KnnResult;
+    fn run<B: Backend>(self, device: &B::Device) -> anyhow::Result<crate::knn::KnnResult> {
+        let ((t, tl), (v, vl)) = (self.train, self.val);
+        Ok(crate::knn::weighted_knn::<B>(t, tl, v, vl, self.dim, self.k, self.temperature, device)?)
+    }
+}
+
+pub(super) fn knn_command(a: &KnnArgs) -> anyhow::Result<()> {
+    super::init_tracing();
+    let builtin = BuiltinData::under(&a.data_dir);
+    let mut say = |l: String| println!("{l}");
+    let train_shards = match &a.train_shards {
+        Some(s) => s.clone(),
+        None => builtin::ensure(&builtin, &mut say)?.to_string_lossy().into_owned(),
+    };
+    let val_shards = match &a.val_shards {
+        Some(s) => s.clone(),
+        None => builtin::ensure_val(&builtin, &mut say)?.to_string_lossy().into_owned(),
+    };
+    let (feats, _model, what) = extract_features(&a.encoder, &[&train_shards, &val_shards])?;
+    let (train, val) = (&feats[0], &feats[1]);
+    let mut results = serde_json::Map::new();
+    for (name, t, v) in [("cls", &train.cls, &val.cls), ("mean", &train.mean, &val.mean)] {
+        let job = Knn {
+            train: (t, &train.labels),
+            val: (v, &val.labels),
+            dim: train.dim,
+            k: a.k,
+            temperature: a.temperature,
+        };
+        let r = on_device(DeviceKind::parse(&a.encoder.device)?, job)?;
+        if !a.json {
+            println!(
+                "k-NN ({name} features, k {}, T {}): top-1 {:.2}%  top-5 {:.2}%  ({} train, {} val, {} classes)",
+                r.k,
+                r.temperature,
+                100.0 * r.top1,
+                100.0 * r.top5,
+                r.train_samples,
+                r.val_samples,
+                r.classes
+            );
+        }
+        results.insert(name.to_string(), serde_json::to_value(&r)?);
+    }
+    if a.json {
+        results.insert("encoder".into(), what.into());
+        println!("{}", serde_json::Value::Object(results));
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! The `trainer` command line (the binary is a thin wrapper around [`main_from`], which lives
+//! here so the end-to-end tests can run it in a child process). One file per subcommand;
+//! [`device`] is the only place that picks a backend (burn-flex on the CPU, burn-cuda and
+//! burn-wgpu with their cargo features).
+
+mod bench;
+pub mod device;
+mod eval;
+mod export;
+mod gpu_check;
+mod run;
+mod tokens;
+
+use std::ffi::OsString;
+
+use clap::{Parser, Subcommand};
+
+pub use bench::BenchArgs;
+pub use device::{DeviceKind, OnBackend, on_device};
+pub use eval::{EncoderArgs, FeaturesArgs, KnnArgs};
+pub use export::ExportArgs;
+pub use gpu_check::GpuCheckArgs;
+pub use run::RunArgs;
+pub use tokens::TokensArgs;
+
+/// The shipped micro config: the no-argument run.
+pub const MICRO_CONFIG: &str = include_str!("../../../configs/cae_micro.toml");
+/// Where the no-argument run looks for the DALL-E tokenizer (spec §3).
+pub const DALLE_CHECKPOINT: &str = "cae_ckpt/dalle_encoder.pth";
+
+#[derive(Parser, Debug)]
+#[command(name = "trainer", about = "CAE pre-training (burn), fed by the cae pipeline", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Pre-train (the default command). With no arguments: the micro preset on the built-in
+    /// sample set, on the CPU, for a few minutes.
+    Run(RunArgs),
+    /// Export the pre-trained encoder of a checkpoint as safetensors (timm or mmselfsup names).
+    Export(ExportArgs),
+    /// Steps/s and images/s of a preset: synthetic batches (compute only), then the real
+    /// pipeline, with the data-wait fraction.
+    Bench(BenchArgs),
+    /// Print, as JSON, each image's DALL-E token ids from its centre view (spec §3).
+    Tokens(TokensArgs),
+    /// Same weights and batch on the CPU and on a device: the losses must agree; then time
+    /// forward + backward on the device (see tools/gpu-check.sh).
+    GpuCheck(GpuCheckArgs),
+    /// Encoder features (cls and mean-pooled patch tokens) of every sample of a shard set, as
+    /// safetensors (`cls`, `mean`, `labels`, `keys`).
+    Features(FeaturesArgs),
+    /// Evaluate a checkpoint's representations.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Weighted k-NN (cosine, k = 20, T = 0.07) top-1/top-5 on frozen encoder features.
+    Knn(KnnArgs),
+}
+
+/// Parses `args` (argv, program name first) and runs the command.
+pub fn main_from<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) -> anyhow::Result<()> {
+    let cli = Cli::parse_from(args);
+    // The command runs on a worker of rayon's global pool, the pool burn-flex's CPU kernels
+    // (GEMM, softmax, LayerNorm, ...) fork into. Called from a thread outside the pool, every
+    // parallel kernel would be injected into the pool while this thread sleeps on a latch; from
+    // inside, it keeps half of the work and the other workers steal the rest. Measured on the
+    // 2-core CI machine (criterion `step`, tiny b2): 466 -> 395 ms per step.
+    // Constraints this places on the code: nothing may inject rayon work from another thread
+    // and wait for it while the command blocks (with one rayon thread that would deadlock; the
+    // pipeline's threads and tokio never use rayon), and the pool is built here, once: its
+    // workers get the main thread's 8 MiB of stack (threads default to 2 MiB) and
+    // RAYON_NUM_THREADS still sets their number.
+    let _already_built = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build_global();
+    rayon::scope(|_| dispatch(cli))
+}
+
+/// Runs one parsed command.
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        None => run::run_command(RunArgs {
+            device: "cpu".into(),
+            metrics_addr: "127.0.0.1:9464".into(),
+            data_dir: "data".into(),
+            ..RunArgs::default()
+        }),
+        Some(Command::Run(a)) => run::run_command(a),
+        Some(Command::Export(a)) => export::export_command(&a),
+        Some(Command::Bench(a)) => bench::bench_command(&a),
+        Some(Command::Tokens(a)) => tokens::tokens_command(&a),
+        Some(Command::GpuCheck(a)) => gpu_check::gpu_check_command(&a),
+        Some(Command::Features(a)) => eval::features_command(&a),
+        Some(Command::Eval(EvalCommand::Knn(a))) => eval::knn_command(&a),
+    }
+}
+
+pub(crate) fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
