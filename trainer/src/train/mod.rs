@@ -4,7 +4,7 @@
 //! - [`run`] (here): the run's setup: run dir, model, tokenizer, optimizer, resume, loader.
 //! - [`feeder`]: the device-feeder thread (u8 upload, normalisation and targets on the device).
 //! - [`steps`]: the step loop (lazy read-backs, loss scaling, checkpoints).
-//! - [`step_log`]: `metrics.jsonl`.
+//! - [`step_log`]: the per-step log, `metrics.jsonl`.
 
 pub mod feeder;
 pub mod step_log;
