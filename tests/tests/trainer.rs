@@ -321,6 +321,7 @@ fn micro_loss_falls_on_builtin_data() {
         "step_seconds",
         "data_wait_seconds",
         "images_per_second",
+        "host_syncs",
     ];
     want.sort_unstable();
     assert_eq!(keys, want);
