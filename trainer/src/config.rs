@@ -271,6 +271,29 @@ impl RunConfig {
     /// Cross-checks the sections (model vs data vs masking vs tokenizer).
     pub fn validate(&self) -> Result<(), CaeError> {
         let fail = |m: String| Err(CaeError::Config(m));
+        // Size-like values are bounded here, so an absurd value is a config error, not an
+        // allocation failure later (`data.shuffle_buffer = 2^40` used to abort the process).
+        let bounds: [(&str, u64, u64); 10] = [
+            ("data.batch_size", self.data.batch_size as u64, 65_536),
+            ("data.workers", self.data.workers as u64, 4_096),
+            ("data.prefetch", self.data.prefetch as u64, 4_096),
+            ("data.shuffle_buffer", self.data.shuffle_buffer as u64, 1_000_000),
+            ("optimizer.accumulation_steps", self.optimizer.accumulation_steps as u64, 65_536),
+            ("checkpoint.keep_last", self.checkpoint.keep_last as u64, 100_000),
+            ("model.embed_dim", self.model.embed_dim as u64, 16_384),
+            ("model.depth", self.model.depth as u64, 1_024),
+            ("model.mlp_dim", self.model.mlp_dim as u64, 65_536),
+            ("model.img_size", self.model.img_size as u64, 4_096),
+        ];
+        for (key, value, max) in bounds {
+            if value > max {
+                return fail(format!("{key} = {value} is above its bound {max}"));
+            }
+        }
+        let h = &self.data.http;
+        if h.connect_timeout_s == 0 || h.read_timeout_s == 0 {
+            return fail("data.http.connect_timeout_s and read_timeout_s must be >= 1 (0 is no timeout)".into());
+        }
         self.model.validate()?;
         let (m, d) = (&self.model, &self.data);
         if d.augment.view_size != m.img_size {

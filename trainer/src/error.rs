@@ -7,6 +7,9 @@ use thiserror::Error;
 /// Everything the trainer library can refuse.
 #[derive(Debug, Error)]
 pub enum CaeError {
+    /// Command-line flags that contradict each other or name nothing valid (exit status 2).
+    #[error("usage: {0}")]
+    Usage(String),
     /// A [`crate::model::CaeConfig`] or a run config is inconsistent (raised at start-up).
     #[error("invalid config: {0}")]
     Config(String),

@@ -25,6 +25,23 @@
 //!
 //! The backend type is chosen only in [`cli`] (CPU: burn-flex; GPU: the `cuda` feature).
 
+/// `println!` that never panics: when stdout is closed (`trainer run | head`) the output stops
+/// and the run goes on.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `eprintln!` that never panics (a closed stderr stops that output, not the run).
+macro_rules! say_err {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 pub mod amp;
 pub mod bench;
 pub mod builtin;
@@ -42,6 +59,7 @@ pub mod model;
 pub mod optim;
 pub mod precision;
 pub mod readback;
+pub mod run_dir;
 pub mod tokens;
 pub mod train;
 

@@ -6,8 +6,13 @@ fn main() -> ExitCode {
     match cae_trainer::cli::main_from(std::env::args_os()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            let code = cae_trainer::cli::exit_code(&e);
+            if code >= 128 {
+                eprintln!("{e:#}")
+            } else {
+                eprintln!("error: {e:#}")
+            }
+            ExitCode::from(code)
         }
     }
 }

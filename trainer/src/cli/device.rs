@@ -40,7 +40,7 @@ impl DeviceKind {
             _ => match (s.strip_prefix("cuda:").and_then(index), s.strip_prefix("wgpu:").and_then(index)) {
                 (Some(n), _) => Self::Cuda(n),
                 (_, Some(n)) => Self::Wgpu(WgpuAdapter::Discrete(n)),
-                _ => bail!("--device {s:?}: expected cpu, cuda, cuda:N, wgpu, wgpu:N or wgpu:cpu"),
+                _ => super::usage!("--device {s:?}: expected cpu, cuda, cuda:N, wgpu, wgpu:N or wgpu:cpu"),
             },
         })
     }

@@ -64,6 +64,34 @@ pub enum EvalCommand {
     Knn(KnnArgs),
 }
 
+/// A run stopped by signal `signal` after writing its checkpoint: the process exits with
+/// `128 + signal` (130 SIGINT, 143 SIGTERM, 129 SIGHUP), as a shell reports a signal's death.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by signal {signal} after writing the checkpoint; resume with --resume")]
+pub struct Stopped {
+    pub signal: i32,
+}
+
+/// The process exit status for a command's error (the README's table): `128 + N` after a stop by
+/// signal N ([`Stopped`]), 2 for a usage or config error, 1 for every other error.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(s) = e.downcast_ref::<Stopped>() {
+        return u8::try_from(128 + s.signal).unwrap_or(1);
+    }
+    match e.downcast_ref::<crate::CaeError>() {
+        Some(crate::CaeError::Config(_) | crate::CaeError::Usage(_)) => 2,
+        _ => 1,
+    }
+}
+
+/// Returns a [`crate::CaeError::Usage`] error (exit status 2) from the enclosing function.
+macro_rules! usage {
+    ($($t:tt)*) => {
+        return Err(crate::CaeError::Usage(format!($($t)*)).into())
+    };
+}
+pub(crate) use usage;
+
 /// Parses `args` (argv, program name first) and runs the command.
 pub fn main_from<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) -> anyhow::Result<()> {
     let cli = Cli::parse_from(args);

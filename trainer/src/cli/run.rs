@@ -3,9 +3,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use clap::Args;
@@ -15,6 +15,7 @@ use super::device::{DeviceKind, OnBackend, on_device};
 use crate::builtin::{self, BuiltinData};
 use crate::checkpoint;
 use crate::config::RunConfig;
+use crate::run_dir;
 use crate::train::{self, CONFIG_FILE, RunOptions, RunSummary, STEP_LOG};
 
 #[derive(Args, Debug, Default)]
@@ -57,6 +58,10 @@ pub struct RunArgs {
     /// No progress bar (loss lines are still printed).
     #[arg(long)]
     pub no_progress: bool,
+    /// Start over in an --out directory that holds a run: its content is moved to
+    /// `replaced-<time>/` inside it (nothing is deleted).
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     /// Initial weights: an mmselfsup CAE checkpoint (.pth, full or backbone only) or one of our
     /// checkpoints (weights only; optimizer, step and data start fresh).
     #[arg(long, value_name = "CKPT")]
@@ -80,12 +85,54 @@ fn timestamp_dir() -> PathBuf {
     PathBuf::from("runs").join(format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60))
 }
 
-fn install_signal_handlers(stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+/// The flags that set config values (`--steps`, `--epochs`, `--checkpoint-every`).
+fn apply_run_flags(config: &mut RunConfig, a: &RunArgs) {
+    if let Some(n) = a.steps {
+        config.schedule.total_steps = Some(n);
+    }
+    if let Some(n) = a.epochs {
+        config.schedule.epochs = n;
+        config.schedule.total_steps = None;
+    }
+    if let Some(n) = a.checkpoint_every {
+        config.checkpoint.every = n;
+    }
+}
+
+/// Dotted keys whose values differ between two configs.
+fn config_differences(a: &RunConfig, b: &RunConfig) -> anyhow::Result<Vec<String>> {
+    fn walk(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (toml::Value::Table(x), toml::Value::Table(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    match (x.get(k), y.get(k)) {
+                        (Some(u), Some(v)) => walk(&key, u, v, out),
+                        _ => out.push(key),
+                    }
+                }
+            }
+            _ if a != b => out.push(prefix.to_string()),
+            _ => {}
+        }
+    }
+    let (x, y): (toml::Value, toml::Value) = (toml::from_str(&a.to_toml()?)?, toml::from_str(&b.to_toml()?)?);
+    let mut out = Vec::new();
+    walk("", &x, &y, &mut out);
+    Ok(out)
+}
+
+/// SIGINT, SIGTERM and SIGHUP: the first sets `stop` (the loop finishes its step, writes a
+/// checkpoint and the process exits with 128 + the signal's number) and records which signal it
+/// was in `signal`; a second one while `stop` is set exits at once with 128 + its number.
+fn install_signal_handlers(stop: &Arc<AtomicBool>, signal: &Arc<AtomicUsize>) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     use signal_hook::flag;
-    for sig in [SIGINT, SIGTERM] {
-        // A second signal while the flag is already set exits at once (status 130).
-        flag::register_conditional_shutdown(sig, 130, Arc::clone(stop)).context("installing signal handlers")?;
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        // Registered first: it sees the flag as the previous signal left it.
+        flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(stop)).context("installing signal handlers")?;
+        flag::register_usize(sig, Arc::clone(signal), sig as usize).context("installing signal handlers")?;
         flag::register(sig, Arc::clone(stop)).context("installing signal handlers")?;
     }
     Ok(())
@@ -102,7 +149,7 @@ pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
             let base = match (path, &a.out) {
                 (Some(p), _) => p.clone(),
                 (None, Some(out)) => out.clone(),
-                (None, None) => bail!("--resume needs a checkpoint, a run directory, or --out"),
+                (None, None) => super::usage!("--resume needs a checkpoint, a run directory, or --out"),
             };
             Some(checkpoint::locate(&base)?)
         }
@@ -111,13 +158,32 @@ pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
     let mut resume_shards = None;
     let mut config = match &resume {
         Some(ckpt) => {
-            if a.config.is_some() || !a.sets.is_empty() || a.epochs.is_some() {
-                bail!("a resumed run uses its checkpoint's config: drop --config, --set and --epochs");
-            }
             let ck = checkpoint::Checkpoint::read(ckpt)?;
-            println!("resuming from {} (step {})", ckpt.display(), ck.header.step);
+            say!("resuming from {} (step {})", ckpt.display(), ck.header.step);
             resume_shards = ck.header.shards.clone();
-            RunConfig::from_resolved_toml(&ck.header.config)?
+            let saved = RunConfig::from_resolved_toml(&ck.header.config)?;
+            // The launch command re-run with --resume (what job scripts do): its --config and
+            // --set must resolve to the saved config; a different one is refused, naming keys.
+            if a.config.is_some() || !a.sets.is_empty() {
+                let text = match &a.config {
+                    Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+                    None => super::MICRO_CONFIG.to_string(),
+                };
+                let mut given = RunConfig::resolve(Some(&text), &a.sets)?;
+                let mut theirs = saved.clone();
+                for c in [&mut given, &mut theirs] {
+                    apply_run_flags(c, &a);
+                }
+                let differ = config_differences(&given, &theirs)?;
+                if !differ.is_empty() {
+                    super::usage!(
+                        "--resume: --config/--set differ from the checkpoint's config in {}; drop them to continue \
+                         the saved run, or start a new run",
+                        differ.join(", ")
+                    );
+                }
+            }
+            saved
         }
         None => {
             let text = match &a.config {
@@ -127,19 +193,12 @@ pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
             RunConfig::resolve(Some(&text), &a.sets)?
         }
     };
-    if let Some(n) = a.steps {
-        if resume.is_some() && config.schedule.total_steps != Some(n) {
-            println!("note: --steps {n} changes the lr schedule of the resumed run");
-        }
-        config.schedule.total_steps = Some(n);
+    if let (Some(n), Some(_)) = (a.steps, &resume)
+        && config.schedule.total_steps != Some(n)
+    {
+        say!("note: --steps {n} changes the lr schedule of the resumed run");
     }
-    if let Some(n) = a.epochs {
-        config.schedule.epochs = n;
-        config.schedule.total_steps = None;
-    }
-    if let Some(n) = a.checkpoint_every {
-        config.checkpoint.every = n;
-    }
+    apply_run_flags(&mut config, &a);
     config.validate()?;
     if config.model.target == crate::model::TargetKind::Pixels
         && a.config.is_none()
@@ -154,9 +213,9 @@ pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
             config.tokenizer.weights = Some(PathBuf::from(DALLE_CHECKPOINT));
             config.tokenizer.random_init = false;
             config.validate()?;
-            println!("found {DALLE_CHECKPOINT}: training with the `dalle` target (DALL-E token cross-entropy)");
+            say!("found {DALLE_CHECKPOINT}: training with the `dalle` target (DALL-E token cross-entropy)");
         } else {
-            println!(
+            say!(
                 "{DALLE_CHECKPOINT} not found: training with the `pixels` target (per-patch normalised pixels, MSE) \
                  instead of DALL-E tokens"
             );
@@ -167,38 +226,63 @@ pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
         Some(s) => s.clone(),
         None if resume.is_some() => match resume_shards {
             Some(s) => s,
-            None => bail!("--resume: the checkpoint does not name its shards; pass --shards"),
+            None => super::usage!("--resume: the checkpoint does not name its shards; pass --shards"),
         },
         None => {
-            let dir = builtin::ensure(&BuiltinData::under(&a.data_dir), &mut |l| println!("{l}"))?;
+            let dir = builtin::ensure(&BuiltinData::under(&a.data_dir), &mut |l| say!("{l}"))?;
             dir.to_string_lossy().into_owned()
         }
     };
 
+    // The run directory, locked for this process; a fresh run never writes into another run.
+    let stamp = timestamp_dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let run_dir = match (&a.out, &resume) {
         (Some(o), _) => o.clone(),
-        (None, Some(ckpt)) => checkpoint::run_dir_of(ckpt).unwrap_or_else(timestamp_dir),
-        (None, None) => timestamp_dir(),
+        (None, Some(ckpt)) => match checkpoint::run_dir_of(ckpt) {
+            Some(d) => d,
+            None => run_dir::create_unique(&timestamp_dir())?,
+        },
+        (None, None) => run_dir::create_unique(&timestamp_dir())?,
     };
+    let _lock = run_dir::lock(&run_dir)?;
+    if resume.is_none() && run_dir::holds_run(&run_dir) {
+        if !a.force {
+            super::usage!(
+                "{} holds a run: --resume continues it, --force starts over (the old run is moved to {}/replaced-<time>/, \
+                 nothing is deleted)",
+                run_dir.display(),
+                run_dir.display()
+            );
+        }
+        let aside = run_dir::move_aside(&run_dir, &stamp)?;
+        say!("--force: the run that was in {} is now in {}", run_dir.display(), aside.display());
+    }
 
     let metrics_url = if a.metrics_addr == "off" {
         None
     } else {
         let addr: SocketAddr =
             a.metrics_addr.parse().with_context(|| format!("--metrics-addr {:?}", a.metrics_addr))?;
+        if !addr.ip().is_loopback() {
+            say_err!(
+                "warning: --metrics-addr {addr} is not a loopback address: the metrics endpoint has no \
+                 authentication, anyone who can reach this port can read it"
+            );
+        }
         match crate::metrics::install(addr) {
             Ok(()) => Some(format!("http://{addr}/metrics")),
             Err(e) => {
-                eprintln!("warning: {e}; continuing without the Prometheus endpoint");
+                say_err!("warning: {e}; continuing without the Prometheus endpoint");
                 None
             }
         }
     };
 
     let stop = Arc::new(AtomicBool::new(false));
-    install_signal_handlers(&stop)?;
+    let signal = Arc::new(AtomicUsize::new(0));
+    install_signal_handlers(&stop, &signal)?;
 
-    println!(
+    say!(
         "run {}: preset {:?}, target {:?}, batch {} x {} accumulation, peak lr {:.3e}, device {}, {}{}",
         run_dir.display(),
         config.preset,
@@ -211,26 +295,31 @@ pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
         if config.precision.scaling() { " with dynamic loss scaling" } else { "" }
     );
     if device.is_cpu() {
-        println!(
+        say!(
             "  threads     {} for the step (burn-flex on rayon; RAYON_NUM_THREADS), {} decode workers (data.workers)",
             rayon::current_num_threads(),
             config.data.worker_count()
         );
     }
-    println!("  config      {}", run_dir.join(CONFIG_FILE).display());
-    println!("  step log    {}", run_dir.join(STEP_LOG).display());
-    println!("  checkpoints {}", run_dir.join(checkpoint::CHECKPOINT_DIR).display());
+    say!("  config      {}", run_dir.join(CONFIG_FILE).display());
+    say!("  step log    {}", run_dir.join(STEP_LOG).display());
+    say!("  checkpoints {}", run_dir.join(checkpoint::CHECKPOINT_DIR).display());
     match &metrics_url {
-        Some(u) => println!("  metrics     {u}"),
-        None => println!("  metrics     off"),
+        Some(u) => say!("  metrics     {u}"),
+        None => say!("  metrics     off"),
     }
 
     if a.init_from.is_some() && resume.is_some() {
-        bail!("--init-from starts a fresh run; a resumed run takes its weights from the checkpoint");
+        super::usage!("--init-from starts a fresh run; a resumed run takes its weights from the checkpoint");
     }
     let opts = RunOptions { run_dir, shards, resume, stop, progress: !a.no_progress, init_from: a.init_from.clone() };
     let summary = on_device(device, Train(&config, &opts))?;
     print_summary(&summary, metrics_url.as_deref());
+    if summary.interrupted {
+        // Stopped by a signal before the schedule's end, its checkpoint written: a scheduler
+        // (Kubernetes Job, Slurm requeue) must not take this for a finished run.
+        return Err(super::Stopped { signal: signal.load(Ordering::SeqCst) as i32 }.into());
+    }
     Ok(())
 }
 
@@ -246,7 +335,7 @@ impl OnBackend for Train<'_> {
 
 fn print_summary(s: &RunSummary, metrics_url: Option<&str>) {
     let steps = s.end_step - s.start_step;
-    println!(
+    say!(
         "done: steps {} -> {} of {} in {:.1} s ({:.2} steps/s), data wait {:.1}% of step time{}",
         s.start_step,
         s.end_step,
@@ -257,13 +346,13 @@ fn print_summary(s: &RunSummary, metrics_url: Option<&str>) {
         if s.interrupted { " (interrupted)" } else { "" }
     );
     if let (Some(a), Some(b), Some(ea), Some(lb)) = (s.first_loss, s.last_loss, s.early_mean_loss, s.late_mean_loss) {
-        println!("loss {a:.4} -> {b:.4} (mean of the first 10% of steps {ea:.4}, of the last 10% {lb:.4})");
+        say!("loss {a:.4} -> {b:.4} (mean of the first 10% of steps {ea:.4}, of the last 10% {lb:.4})");
     }
     if let Some(c) = &s.last_checkpoint {
-        println!("checkpoint {}", c.display());
+        say!("checkpoint {}", c.display());
     }
-    println!("step log {}", s.run_dir.join(STEP_LOG).display());
+    say!("step log {}", s.run_dir.join(STEP_LOG).display());
     if let Some(u) = metrics_url {
-        println!("metrics were served at {u} (the endpoint closes with the process)");
+        say!("metrics were served at {u} (the endpoint closes with the process)");
     }
 }

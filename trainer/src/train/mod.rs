@@ -137,7 +137,7 @@ pub fn all_finite<B: Backend, M: Module<B>>(module: &M) -> bool {
 }
 
 fn say(pb: &ProgressBar, line: String) {
-    if pb.is_hidden() { println!("{line}") } else { pb.println(line) }
+    if pb.is_hidden() { say!("{line}") } else { pb.println(line) }
 }
 
 /// Runs (or resumes) a pre-training run until the end of its schedule or a stop signal.
@@ -288,7 +288,7 @@ fn init_weights<B: AutodiffBackend>(
     if crate::model::mmselfsup_weights::is_torch_checkpoint(path) {
         let (model, r) = crate::model::mmselfsup_weights::load_mmselfsup(model, path)?;
         tracing::info!("initial weights from {} ({} form, {} tensors)", path.display(), r.form, r.loaded);
-        println!(
+        say!(
             "initial weights: {} (mmselfsup {} checkpoint: encoder{}{})",
             path.display(),
             r.form,
@@ -306,7 +306,7 @@ fn init_weights<B: AutodiffBackend>(
             reason: "its model config differs from this run's (preset, sizes or target)".into(),
         });
     }
-    println!("initial weights: {} (step {}; optimizer and data start fresh)", ckpt.display(), ck.header.step);
+    say!("initial weights: {} (step {}; optimizer and data start fresh)", ckpt.display(), ck.header.step);
     Ok(model.load_record(ck.record::<B, _>("model", device)?))
 }
 

@@ -99,6 +99,8 @@ pub(super) struct StepLoop<'a, B: AutodiffBackend> {
     /// Losses of this invocation's steps, in order (for the summary).
     pub losses: Vec<f64>,
     pending: Vec<Pending<B::InnerBackend>>,
+    /// Step of the last checkpoint written (or resumed from).
+    checkpointed: u64,
     sum_wait: f64,
     sum_step: f64,
 }
@@ -139,6 +141,7 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
             summary,
             losses: Vec::new(),
             pending: Vec::new(),
+            checkpointed: step,
             sum_wait: 0.0,
             sum_step: 0.0,
         }
@@ -158,10 +161,16 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
             let mut single: Option<GradientsParams> = None;
             let mut losses: Option<Tensor<B::InnerBackend, 1>> = None; // [3], mean over micro-batches
             let (mut images, mut epoch, mut data_ended) = (0usize, 0u64, false);
+            let mut step_resume = self.last_resume;
             for _ in 0..accum {
-                let Some(batch) = self.feeder.next(&mut data_wait)? else {
-                    data_ended = true;
-                    break;
+                let batch = match self.feeder.next(&mut data_wait) {
+                    Ok(Some(batch)) => batch,
+                    Ok(None) => {
+                        data_ended = true;
+                        break;
+                    }
+                    // A fatal data error: the last completed step is consistent; keep it.
+                    Err(e) => return Err(self.save_before_error(e)),
                 };
                 let targets = match batch.targets {
                     CaeTargets::Tokens(t) => CaeTargets::Tokens(Tensor::from_inner(t)),
@@ -185,7 +194,7 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
                     None => v,
                 });
                 images += batch.size;
-                self.last_resume = batch.resume;
+                step_resume = batch.resume;
                 epoch = batch.epoch;
                 if accum == 1 {
                     single = Some(grads);
@@ -219,6 +228,7 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
             };
             self.model = model;
             self.step += 1;
+            self.last_resume = step_resume;
             let step = self.step;
             if let Some(v) = known.as_ref().filter(|_| self.scaler.enabled) {
                 match self.scaler.update(applied) {
@@ -268,6 +278,7 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
                 }
                 let loss = self.summary.last_loss;
                 let path = self.saver.save(step, self.last_resume, loss, &self.model, &self.optimizer, &self.scaler)?;
+                self.checkpointed = step;
                 if stop || step == self.total || data_ended {
                     say(&self.pb, format!("checkpoint {}", path.display()));
                 }
@@ -276,7 +287,7 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
                 self.flush(None)?;
             }
             if hang_after == Some(step) {
-                eprintln!("hang after step {step}");
+                say_err!("hang after step {step}");
                 loop {
                     std::thread::sleep(std::time::Duration::from_secs(1));
                 }
@@ -303,6 +314,30 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
         summary.end_step = self.step;
         summary.data_wait_fraction = if self.sum_step > 0.0 { self.sum_wait / self.sum_step } else { 0.0 };
         Ok(summary)
+    }
+
+    /// Before a fatal data error ends the run: a checkpoint of the last completed step (its
+    /// values checked finite first), unless one was written at that step. Returns the error to
+    /// report (the data error, or the checkpoint's own failure after it).
+    fn save_before_error(&mut self, error: CaeError) -> CaeError {
+        self.pb.abandon();
+        if self.step == self.checkpointed {
+            return error;
+        }
+        let saved = self.flush(nonfinite_count(&self.model.valid())).and_then(|bad| {
+            if bad.is_some_and(|n| n != 0.0) {
+                return Err(CaeError::NonFinite { what: "weights", step: self.step, value: f64::NAN });
+            }
+            let loss = self.summary.last_loss;
+            self.saver.save(self.step, self.last_resume, loss, &self.model, &self.optimizer, &self.scaler)
+        });
+        match saved {
+            Ok(path) => {
+                say(&self.pb, format!("data error after step {}: checkpoint {}", self.step, path.display()));
+                error
+            }
+            Err(e) => CaeError::Data(format!("{error}; and the checkpoint before stopping failed: {e}")),
+        }
     }
 
     /// Reads every pending step's values (and `extra`, returned) in one host sync, then logs

@@ -1,0 +1,239 @@
+//! Runs that never lose work, end to end through the real `trainer` binary (its exit status is
+//! part of the interface: schedulers read it). README "Exit status" lists the codes.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cae_trainer::checkpoint::{Checkpoint, locate};
+use cae_trainer::train::{HANG_ENV, STEP_LOG, read_step_log};
+
+const BIN: &str = env!("CARGO_BIN_EXE_trainer");
+
+fn shards(dir: &Path) -> PathBuf {
+    let spec = cae_tools::fixtures::FixtureSpec { classes: 2, per_class: 12, seed: 1, odd_files: false, max_side: 120 };
+    let fx = cae_tools::fixtures::generate(&dir.join("img"), &spec).unwrap();
+    let out = dir.join("shards");
+    let mut o = cae_sharder::BuildOptions::new(&fx.train_dir, &out);
+    o.shard_max_samples = 12;
+    o.workers = 1;
+    cae_sharder::build(&o).unwrap();
+    out
+}
+
+fn args(shards: &str, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "run",
+        "--shards",
+        shards,
+        "--out",
+        &out.to_string_lossy(),
+        "--metrics-addr",
+        "off",
+        "--no-progress",
+        "--steps",
+        &steps.to_string(),
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "data.workers=1",
+        "--set",
+        "data.shuffle_buffer=8",
+        "--set",
+        "model.target=\"pixels\"",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn spawn(args: &[String], envs: &[(&str, &str)]) -> Child {
+    let mut c = Command::new(BIN);
+    c.args(args).env_remove(HANG_ENV).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.spawn().expect("spawn trainer")
+}
+
+fn run(args: &[String]) -> Output {
+    spawn(args, &[]).wait_with_output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Waits until the child's stderr shows `needle` (the hang hook's line).
+fn wait_for_stderr(child: &mut Child, needle: &str) {
+    let err = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(err).lines();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(120) {
+        match lines.next() {
+            Some(Ok(l)) if l.contains(needle) => return,
+            Some(_) => {}
+            None => panic!("child ended before {needle:?}"),
+        }
+    }
+    panic!("no {needle:?} within 120 s");
+}
+
+fn signal(child: &Child, sig: &str) {
+    assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
+}
+
+/// SIGTERM and SIGHUP finish the step, write its checkpoint and exit with 128 + N, so a
+/// scheduler does not take a preempted run for a finished one.
+#[test]
+fn a_signal_checkpoints_and_exits_with_128_plus_its_number() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path());
+    let d = data.to_string_lossy().into_owned();
+    let run_dir = tmp.path().join("run");
+    for (sig, code) in [("-TERM", 143), ("-HUP", 129)] {
+        let resume: &[&str] = if code == 143 { &[] } else { &["--resume"] };
+        let mut child = spawn(&args(&d, &run_dir, 100_000, resume), &[]);
+        // Let it run a few steps (the log is read back every log_every = 20 steps).
+        let log = run_dir.join(STEP_LOG);
+        let t = Instant::now();
+        let before = read_step_log(&log).map(|l| l.len()).unwrap_or(0);
+        while read_step_log(&log).map(|l| l.len()).unwrap_or(0) <= before {
+            assert!(t.elapsed() < Duration::from_secs(120), "no steps logged");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        signal(&child, sig);
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(code), "{sig}");
+        let ck = Checkpoint::read(&locate(&run_dir).unwrap()).unwrap();
+        let log = read_step_log(&log).unwrap();
+        assert_eq!(ck.header.step, log.last().unwrap().step, "{sig}: the checkpoint holds the last step");
+    }
+}
+
+/// A fresh run refuses a directory that holds a run (exit 2); `--force` moves the old run aside
+/// (nothing deleted) and starts over.
+#[test]
+fn a_run_directory_is_never_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path());
+    let d = data.to_string_lossy().into_owned();
+    let run_dir = tmp.path().join("run");
+    let first = run(&args(&d, &run_dir, 3, &[]));
+    assert!(first.status.success(), "{}", text(&first));
+    let old_log = std::fs::read_to_string(run_dir.join(STEP_LOG)).unwrap();
+    let old_ck = locate(&run_dir).unwrap();
+
+    let again = run(&args(&d, &run_dir, 2, &[]));
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+    assert!(text(&again).contains("holds a run") && text(&again).contains("--force"), "{}", text(&again));
+    assert_eq!(std::fs::read_to_string(run_dir.join(STEP_LOG)).unwrap(), old_log, "untouched");
+    assert!(old_ck.is_file());
+
+    let forced = run(&args(&d, &run_dir, 2, &["--force"]));
+    assert!(forced.status.success(), "{}", text(&forced));
+    let aside: Vec<PathBuf> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("replaced-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(std::fs::read_to_string(aside[0].join(STEP_LOG)).unwrap(), old_log, "the old run is kept");
+    assert!(aside[0].join("checkpoints").join(old_ck.file_name().unwrap()).is_file());
+    assert_eq!(read_step_log(&run_dir.join(STEP_LOG)).unwrap().len(), 2, "the new run");
+    assert_eq!(Checkpoint::read(&locate(&run_dir).unwrap()).unwrap().header.step, 2);
+}
+
+/// A second trainer on a directory in use refuses (exit 2, naming the holder); once the holder
+/// is gone (kill -9), its lock is taken over and the run resumes.
+#[test]
+fn a_locked_run_directory_is_refused_and_a_dead_lock_taken_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path());
+    let d = data.to_string_lossy().into_owned();
+    let run_dir = tmp.path().join("run");
+    let mut holder = spawn(&args(&d, &run_dir, 10, &["--checkpoint-every", "1"]), &[(HANG_ENV, "2")]);
+    wait_for_stderr(&mut holder, "hang after step 2");
+    // The launch command re-run with --resume added (its flags resolve to the saved config).
+    let again: &[&str] = &["--checkpoint-every", "1", "--resume"];
+    let second = run(&args(&d, &run_dir, 10, again));
+    assert_eq!(second.status.code(), Some(2), "{}", text(&second));
+    assert!(text(&second).contains("in use by another trainer") && text(&second).contains(&holder.id().to_string()));
+    signal(&holder, "-KILL");
+    holder.wait().unwrap();
+    let resumed = run(&args(&d, &run_dir, 10, again));
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    assert_eq!(Checkpoint::read(&locate(&run_dir).unwrap()).unwrap().header.step, 10);
+}
+
+/// `trainer run | head -1`: a closed stdout stops the output, not the run.
+#[test]
+fn a_closed_stdout_does_not_stop_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path());
+    let run_dir = tmp.path().join("run");
+    let mut child = spawn(&args(&data.to_string_lossy(), &run_dir, 30, &["--set", "log_every=1"]), &[]);
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(!first.is_empty()); // the reader is dropped here: stdout is closed
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert_eq!(Checkpoint::read(&locate(&run_dir).unwrap()).unwrap().header.step, 30);
+}
+
+/// Size-like config values have bounds: an absurd one is a config error (exit 2), not an
+/// allocation abort.
+#[test]
+fn oversized_config_values_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    for set in ["data.shuffle_buffer=1099511627776", "data.batch_size=100000000", "model.embed_dim=1048576"] {
+        let o = run(&args("unused", &tmp.path().join("r"), 1, &["--set", set]));
+        assert_eq!(o.status.code(), Some(2), "{set}: {}", text(&o));
+        let key = set.split('=').next().unwrap();
+        assert!(text(&o).contains(key), "{set}: {}", text(&o));
+    }
+}
+
+/// A fatal data error (more than 1 % bad samples) first writes a checkpoint of the last
+/// completed step, then exits 1.
+#[test]
+fn a_fatal_data_error_leaves_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = cae_tools::fixtures::FixtureSpec { classes: 1, per_class: 8, seed: 2, odd_files: false, max_side: 96 };
+    let fx = cae_tools::fixtures::generate(&tmp.path().join("img"), &spec).unwrap();
+    let jpegs: Vec<Vec<u8>> = walk(&fx.train_dir).into_iter().map(|p| std::fs::read(p).unwrap()).collect();
+    assert!(!jpegs.is_empty());
+    // 240 good samples, then garbage: the loader's bad-sample limit trips after ~50 steps.
+    let shard = tmp.path().join("mixed.tar");
+    let mut w = cae_pipeline::wds::ShardWriter::create(&shard).unwrap();
+    for i in 0..400 {
+        let garbage = vec![0x5au8; 64];
+        let jpg: &[u8] = if i < 240 { &jpegs[i % jpegs.len()] } else { &garbage };
+        w.write_sample(&format!("s{i:04}"), &[("jpg", jpg), ("cls", b"0")]).unwrap();
+    }
+    w.finish().unwrap();
+    let run_dir = tmp.path().join("run");
+    let o = run(&args(&shard.to_string_lossy(), &run_dir, 10_000, &[]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("bad samples"), "{}", text(&o));
+    let ck = Checkpoint::read(&locate(&run_dir).expect("a checkpoint was written")).unwrap();
+    let log = read_step_log(&run_dir.join(STEP_LOG)).unwrap();
+    assert!(ck.header.step >= 1);
+    assert_eq!(ck.header.step, log.last().unwrap().step, "the last completed step");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
