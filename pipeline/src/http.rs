@@ -70,7 +70,7 @@ async fn stream(client: reqwest::Client, url: String, tx: async_channel::Sender<
         match fetch_from(&client, &url, &mut offset, &tx).await {
             Ok(()) => return,
             Err(Fatal(e)) => {
-                let _ = tx.send(Err(io::Error::other(format!("{url}: {e}")))).await;
+                let _ = tx.send(Err(io::Error::other(crate::redact::text(&format!("{url}: {e}"))))).await;
                 return;
             }
             Err(Retry(e, progressed)) => {
@@ -80,12 +80,20 @@ async fn stream(client: reqwest::Client, url: String, tx: async_channel::Sender<
                 failures += 1;
                 ::metrics::counter!(m::HTTP_RETRIES).increment(1);
                 if failures > cfg.retries {
-                    let msg = format!("{url}: {e} (gave up after {} retries, {offset} bytes read)", cfg.retries);
+                    let msg = format!(
+                        "{}: {e} (gave up after {} retries, {offset} bytes read)",
+                        crate::redact::url(&url),
+                        cfg.retries
+                    );
                     let _ = tx.send(Err(io::Error::other(msg))).await;
                     return;
                 }
                 let wait = cfg.backoff_ms.saturating_mul(1 << (failures - 1).min(10));
-                tracing::warn!("{url}: {e}; retry {failures}/{} from byte {offset} in {wait} ms", cfg.retries);
+                tracing::warn!(
+                    "{}: {e}; retry {failures}/{} from byte {offset} in {wait} ms",
+                    crate::redact::url(&url),
+                    cfg.retries
+                );
                 tokio::time::sleep(Duration::from_millis(wait)).await;
             }
         }

@@ -26,6 +26,7 @@ pub mod loader;
 pub mod manifest;
 pub mod mask;
 pub mod metrics;
+pub mod redact;
 pub mod source;
 pub mod wds;
 

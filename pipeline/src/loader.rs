@@ -472,7 +472,10 @@ impl Reader {
                 let reader = match opened {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::warn!("shard {}: cannot open: {e}; skipped", spec.url);
+                        tracing::warn!(
+                            "{}",
+                            crate::redact::text(&format!("shard {}: cannot open: {e}; skipped", spec.url))
+                        );
                         self.stats.shards_failed.fetch_add(1, Ordering::Relaxed);
                         ::metrics::counter!(m::SHARDS_FAILED).increment(1);
                         continue;
@@ -488,8 +491,11 @@ impl Reader {
                         Ok(s) => Ok(s),
                         Err(WdsError::Tar { after_sample, message }) => {
                             tracing::warn!(
-                                "shard {}: {message} after sample {after_sample}; rest of shard skipped",
-                                spec.url
+                                "{}",
+                                crate::redact::text(&format!(
+                                    "shard {}: {message} after sample {after_sample}; rest of shard skipped",
+                                    spec.url
+                                ))
                             );
                             self.stats.shards_failed.fetch_add(1, Ordering::Relaxed);
                             ::metrics::counter!(m::SHARDS_FAILED).increment(1);
@@ -748,7 +754,12 @@ impl Assembler {
                         bad_count += 1;
                         self.stats.bad_samples.fetch_add(1, Ordering::Relaxed);
                         ::metrics::counter!(m::ERRORS, "kind" => bad.kind).increment(1);
-                        tracing::warn!("skipping sample {} of shard {}: {}", bad.key, bad.shard, bad.reason);
+                        tracing::warn!(
+                            "skipping sample {} of shard {}: {}",
+                            bad.key,
+                            crate::redact::url(&bad.shard),
+                            bad.reason
+                        );
                         if seen >= 200 && bad_count as f64 > self.cfg.max_bad_fraction * seen as f64 {
                             let max = self.cfg.max_bad_fraction;
                             let _ = self.tx.send_blocking(Err(LoaderError::TooManyBad { bad: bad_count, seen, max }));

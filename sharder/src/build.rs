@@ -51,6 +51,14 @@ pub const CRASH_ENV: &str = "CAE_SHARDER_CRASH_AFTER_SHARDS";
 /// middle of the shard, printing `sharder: paused` to stderr, so a test can `kill -9` it there.
 pub const HANG_ENV: &str = "CAE_SHARDER_HANG_AFTER_SHARDS";
 
+/// The value of a test hook's variable; always `None` unless built with feature `test-hooks`.
+fn test_hook(var: &str) -> Option<u64> {
+    if !cfg!(feature = "test-hooks") {
+        return None;
+    }
+    std::env::var(var).ok().and_then(|v| v.parse().ok())
+}
+
 /// Everything `sharder build` needs.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -170,8 +178,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
         done,
         pending_rejected: Vec::new(),
         pending_converted: 0,
-        crash_after: std::env::var(CRASH_ENV).ok().and_then(|v| v.parse().ok()),
-        hang_after: std::env::var(HANG_ENV).ok().and_then(|v| v.parse().ok()),
+        // Test hooks exist only in test builds (feature `test-hooks`, which the tests enable).
+        crash_after: test_hook(CRASH_ENV),
+        hang_after: test_hook(HANG_ENV),
         completed_here: 0,
         finisher: Finisher::start(journal_path.clone())?,
     };

@@ -159,10 +159,10 @@ fn extract_features(a: &EncoderArgs, sources: &[&str]) -> anyhow::Result<Feature
             let mut out = Vec::new();
             for s in sources {
                 let f = crate::features::extract(&enc, s, cfg.clone(), device, !a.no_progress)
-                    .with_context(|| format!("features of {s}"))?;
+                    .with_context(|| format!("features of {}", cae_pipeline::redact::source(s)))?;
                 let bad =
                     if f.bad_samples > 0 { format!(", {} bad samples skipped", f.bad_samples) } else { String::new() };
-                println!("{s}: {} images{bad}", f.len());
+                println!("{}: {} images{bad}", cae_pipeline::redact::source(s), f.len());
                 out.push(f);
             }
             Ok((out, model, what))
@@ -177,7 +177,7 @@ pub(super) fn features_command(a: &FeaturesArgs) -> anyhow::Result<()> {
     let f = feats.pop().context("no features")?;
     let meta = [
         ("encoder", what),
-        ("shards", a.shards.clone()),
+        ("shards", cae_pipeline::redact::source(&a.shards)),
         ("dim", model.embed_dim.to_string()),
         ("features", "cls and mean of the patch tokens, after the encoder's final LayerNorm".to_string()),
         ("keys", "uint8 rows: UTF-8 sample keys, zero-padded".to_string()),

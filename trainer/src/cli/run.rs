@@ -85,8 +85,15 @@ fn timestamp_dir() -> PathBuf {
     PathBuf::from("runs").join(format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60))
 }
 
-/// The flags that set config values (`--steps`, `--epochs`, `--checkpoint-every`).
+/// The flags that set config values (`--steps`, `--epochs`, `--checkpoint-every`), and the
+/// tokenizer weights' path made absolute (the config is stored in checkpoints: a resume from
+/// another working directory must find the file).
 fn apply_run_flags(config: &mut RunConfig, a: &RunArgs) {
+    if let Some(w) = &config.tokenizer.weights
+        && let Ok(abs) = std::path::absolute(w)
+    {
+        config.tokenizer.weights = Some(abs);
+    }
     if let Some(n) = a.steps {
         config.schedule.total_steps = Some(n);
     }
@@ -210,7 +217,7 @@ pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
             config.model.target = crate::model::TargetKind::Dalle;
             config.model.tokenizer = crate::model::DalleConfig::openai();
             config.model.vocab_size = config.model.tokenizer.vocab_size;
-            config.tokenizer.weights = Some(PathBuf::from(DALLE_CHECKPOINT));
+            config.tokenizer.weights = Some(std::path::absolute(DALLE_CHECKPOINT)?);
             config.tokenizer.random_init = false;
             config.validate()?;
             say!("found {DALLE_CHECKPOINT}: training with the `dalle` target (DALL-E token cross-entropy)");
@@ -225,6 +232,11 @@ pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
     let shards = match &a.shards {
         Some(s) => s.clone(),
         None if resume.is_some() => match resume_shards {
+            Some(s) if cae_pipeline::redact::is_redacted(&s) => {
+                super::usage!(
+                    "--resume: the checkpoint's shard source had credentials (stored redacted: {s}); pass --shards"
+                )
+            }
             Some(s) => s,
             None => super::usage!("--resume: the checkpoint does not name its shards; pass --shards"),
         },

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use cae_pipeline::{Loader, LoaderState};
+use cae_pipeline::{Loader, LoaderState, redact};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::CaeError;
@@ -36,8 +36,9 @@ pub use steps::nonfinite_count;
 
 /// Name of the resolved config in the run dir.
 pub const CONFIG_FILE: &str = "config.toml";
-/// Test hook: after completing this step (and its checkpoint, if due) the loop prints
-/// `hang after step N` to stderr and sleeps forever, so a test can kill -9 it at a known point.
+/// Test hook (only with feature `test-hooks`, which the tests enable): after completing this
+/// step (and its checkpoint, if due) the loop prints `hang after step N` to stderr and sleeps
+/// forever, so a test can kill -9 it at a known point.
 pub const HANG_ENV: &str = "CAE_TRAINER_TEST_HANG_AFTER_STEP";
 
 /// Where and how a run goes (the config says what it is).
@@ -116,7 +117,9 @@ impl<B: AutodiffBackend> Saver<'_, B> {
             loader,
             config: self.config_toml.to_string(),
             loss,
-            shards: Some(self.shards.to_string()),
+            // Absolute local paths (a resume from another directory finds them); credentials
+            // never reach a checkpoint (a resume then needs --shards again).
+            shards: Some(redact::source(&absolute_source(self.shards))),
             loss_scaler: scaler.enabled.then_some(*scaler),
             sections: Vec::new(),
             section_crc32: Vec::new(),
@@ -126,6 +129,20 @@ impl<B: AutodiffBackend> Saver<'_, B> {
         ::metrics::histogram!(m::CHECKPOINT_SECONDS).record(t.elapsed().as_secs_f64());
         Ok(path)
     }
+}
+
+/// A shard source with every relative local path made absolute (URLs unchanged).
+pub fn absolute_source(source: &str) -> String {
+    source
+        .split("::")
+        .map(|part| {
+            if part.contains("://") || Path::new(part).is_absolute() {
+                return part.to_string();
+            }
+            std::path::absolute(part).map_or_else(|_| part.to_string(), |p| p.to_string_lossy().into_owned())
+        })
+        .collect::<Vec<_>>()
+        .join("::")
 }
 
 /// Whether every float parameter of `module` is finite (one read-back).
@@ -146,8 +163,8 @@ pub fn run<B: AutodiffBackend>(
     opts: &RunOptions,
     device: &B::Device,
 ) -> Result<RunSummary, CaeError> {
-    let shards =
-        cae_pipeline::source::expand(&opts.shards).map_err(|e| CaeError::Data(format!("{}: {e}", opts.shards)))?;
+    let shards = cae_pipeline::source::expand(&opts.shards)
+        .map_err(|e| CaeError::Data(format!("{}: {e}", redact::source(&opts.shards))))?;
     run_from::<B>(config, opts, device, move |state| {
         let loader = Loader::new(config.data.clone(), shards, state).map_err(|e| CaeError::Data(e.to_string()))?;
         Ok(Box::new(loader) as Box<dyn BatchSource>)

@@ -149,7 +149,9 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
 
     /// Runs steps until the schedule ends, the data ends or a stop signal; then the summary.
     pub fn run(mut self) -> Result<RunSummary, CaeError> {
-        let hang_after: Option<u64> = std::env::var(HANG_ENV).ok().and_then(|v| v.parse().ok());
+        // A test hook, only in builds with feature `test-hooks`.
+        let hang_after: Option<u64> =
+            if cfg!(feature = "test-hooks") { std::env::var(HANG_ENV).ok().and_then(|v| v.parse().ok()) } else { None };
         let start_step = self.step;
         let dtype = self.config.precision.dtype;
         let accum = self.config.optimizer.accumulation_steps;
