@@ -2,7 +2,8 @@
 # The one prepared check for a GPU machine (NVIDIA driver + CUDA toolkit, no Rust toolchain).
 #
 # Build on a CPU machine:  cargo build --release -p cae-trainer --features cuda && strip target/release/trainer
-# Carry target/release/trainer to the GPU machine (repo root), then:
+# (63.5 MiB stripped; `gzip -9` it to target/release/trainer.gz where a transfer is size-limited.)
+# Carry target/release/trainer (or trainer.gz) to the GPU machine (repo root), then:
 #     OUT=/some/folder bash tools/gpu-check.sh [TRAINER_BIN]
 #
 # Prints (and writes to $OUT/gpu-check.json) one JSON summary:
@@ -20,6 +21,10 @@ scratch=$(mktemp -d /tmp/cae-gpu-check.XXXXXX)
 fail() { echo "gpu-check: $*" >&2; echo "{\"ok\": false, \"error\": \"$*\"}" > "$out/gpu-check.json"; exit 2; }
 
 # --- what the CUDA runtime needs --------------------------------------------------------------
+# A gzipped binary (transfers limited in size): unpack it to the scratch directory.
+if [ ! -x "$bin" ] && [ -f "$bin.gz" ]; then
+  gunzip -c "$bin.gz" > "$scratch/trainer" && chmod +x "$scratch/trainer" && bin="$scratch/trainer"
+fi
 [ -x "$bin" ] || fail "no trainer binary at $bin (cargo build --release -p cae-trainer --features cuda; carry target/release/trainer)"
 command -v nvidia-smi >/dev/null || fail "nvidia-smi not found: no NVIDIA driver on this machine"
 nvidia-smi -L >/dev/null 2>&1 || fail "nvidia-smi sees no GPU"
