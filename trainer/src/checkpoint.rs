@@ -58,6 +58,10 @@ pub struct CheckpointHeader {
     /// Dynamic loss-scale state (runs with loss scaling).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<crate::precision::LossScaler>,
+    /// File name of the checkpoint this one continues (the previous one of its lineage: the
+    /// one the run resumed from, or the one it wrote before); `None` for a run's first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     /// `(name, byte length)` of every section, in file order.
     pub sections: Vec<(String, u64)>,
     /// CRC-32 (IEEE) of every section, in file order.
@@ -187,8 +191,9 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CaeError> {
     Ok(out)
 }
 
-/// A checkpoint path from `--resume` / `--checkpoint`: a file as it is, a directory (run dir
-/// or its `checkpoints/`) means its latest checkpoint.
+/// A checkpoint path from `--resume` / `--checkpoint`: a file as it is; a directory (run dir
+/// or its `checkpoints/`) means its newest **valid** checkpoint: a corrupt newer one (torn copy,
+/// bad CRC) is skipped with a warning naming it and why.
 pub fn locate(path: &Path) -> Result<PathBuf, CaeError> {
     if path.is_file() {
         return Ok(path.to_path_buf());
@@ -196,10 +201,52 @@ pub fn locate(path: &Path) -> Result<PathBuf, CaeError> {
     if !path.is_dir() {
         return Err(CaeError::Checkpoint { path: path.to_path_buf(), reason: "no such file or directory".into() });
     }
-    list(path)?.pop().map(|(_, p)| p).ok_or_else(|| CaeError::Checkpoint {
+    let all = list(path)?;
+    if all.is_empty() {
+        return Err(CaeError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: "no checkpoint (step-*.ckpt) in this directory".into(),
+        });
+    }
+    for (_, p) in all.iter().rev() {
+        match Checkpoint::read(p) {
+            Ok(_) => return Ok(p.clone()),
+            Err(e) => {
+                tracing::warn!("skipping a corrupt checkpoint: {e}");
+                say_err!("warning: skipping a corrupt checkpoint: {e}");
+            }
+        }
+    }
+    Err(CaeError::Checkpoint {
         path: path.to_path_buf(),
-        reason: "no checkpoint (step-*.ckpt) in this directory".into(),
+        reason: "every checkpoint in this directory is corrupt".into(),
     })
+}
+
+/// Moves the checkpoints of `run_dir` after `step` (an abandoned branch: the run was rewound to
+/// `step`) into `checkpoints/abandoned-<stamp>/`, never deleting them. Returns that directory
+/// when anything moved.
+pub fn abandon_after(run_dir: &Path, step: u64, stamp: &str) -> Result<Option<PathBuf>, CaeError> {
+    let dir = run_dir.join(CHECKPOINT_DIR);
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let later: Vec<PathBuf> = list(&dir)?.into_iter().filter(|(s, _)| *s > step).map(|(_, p)| p).collect();
+    if later.is_empty() {
+        return Ok(None);
+    }
+    let mut aside = dir.join(format!("abandoned-{stamp}"));
+    let mut n = 1;
+    while aside.exists() {
+        n += 1;
+        aside = dir.join(format!("abandoned-{stamp}-{n}"));
+    }
+    fs::create_dir(&aside).map_err(CaeError::io(&aside))?;
+    for p in later {
+        let to = aside.join(p.file_name().unwrap_or_default());
+        fs::rename(&p, &to).map_err(CaeError::io(&to))?;
+    }
+    Ok(Some(aside))
 }
 
 /// The run dir a checkpoint file belongs to (`<run>/checkpoints/step-N.ckpt` -> `<run>`).
@@ -272,6 +319,7 @@ mod tests {
             loss: Some(1.5),
             shards: Some("data/shards".into()),
             loss_scaler: None,
+            parent: None,
             sections: Vec::new(),
             section_crc32: Vec::new(),
         }

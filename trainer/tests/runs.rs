@@ -277,3 +277,83 @@ fn no_secret_reaches_logs_or_checkpoints() {
     assert_eq!(resumed.status.code(), Some(2), "{}", text(&resumed));
     assert!(text(&resumed).contains("pass --shards"), "{}", text(&resumed));
 }
+
+/// `--resume FILE` from an older checkpoint starts a new branch: the abandoned branch's later
+/// checkpoints move to `checkpoints/abandoned-*/` (kept, never pruned by the new branch), the
+/// new checkpoints record their parents, the step log is rewritten to the new branch, and
+/// `--resume DIR` then continues the new branch.
+#[test]
+fn a_rewind_starts_a_new_branch_and_keeps_the_old_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path());
+    let d = data.to_string_lossy().into_owned();
+    let run_dir = tmp.path().join("run");
+    let every: &[&str] = &["--checkpoint-every", "2"];
+    let first = run(&args(&d, &run_dir, 6, every));
+    assert!(first.status.success(), "{}", text(&first));
+    let ckdir = run_dir.join("checkpoints");
+    let old6 = std::fs::read(ckdir.join("step-00000006.ckpt")).unwrap();
+    // Rewind to step 2 and go on to step 4.
+    let rewind: Vec<String> = [
+        "run",
+        "--resume",
+        &ckdir.join("step-00000002.ckpt").to_string_lossy(),
+        "--steps",
+        "4",
+        "--metrics-addr",
+        "off",
+        "--no-progress",
+    ]
+    .map(String::from)
+    .to_vec();
+    let o = run(&rewind);
+    assert!(o.status.success(), "{}", text(&o));
+    let abandoned: Vec<PathBuf> = std::fs::read_dir(&ckdir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("abandoned-"))
+        .collect();
+    assert_eq!(abandoned.len(), 1, "{}", text(&o));
+    assert_eq!(std::fs::read(abandoned[0].join("step-00000006.ckpt")).unwrap(), old6, "the old branch is kept");
+    assert!(abandoned[0].join("step-00000004.ckpt").is_file());
+    let latest = locate(&run_dir).unwrap();
+    assert_eq!(latest.file_name().unwrap(), "step-00000004.ckpt", "latest = newest of the current lineage");
+    let ck = Checkpoint::read(&latest).unwrap();
+    assert_eq!(ck.header.parent.as_deref(), Some("step-00000002.ckpt"));
+    let log = read_step_log(&run_dir.join(STEP_LOG)).unwrap();
+    assert_eq!(log.iter().map(|l| l.step).collect::<Vec<_>>(), vec![1, 2, 3, 4], "the log follows the new branch");
+    // --resume DIR continues the new branch, recording its parent.
+    let more: Vec<String> =
+        ["run", "--resume", &run_dir.to_string_lossy(), "--steps", "6", "--metrics-addr", "off", "--no-progress"]
+            .map(String::from)
+            .to_vec();
+    let o = run(&more);
+    assert!(o.status.success(), "{}", text(&o));
+    let ck = Checkpoint::read(&locate(&run_dir).unwrap()).unwrap();
+    assert_eq!((ck.header.step, ck.header.parent.as_deref()), (6, Some("step-00000004.ckpt")));
+}
+
+/// `--resume DIR` whose newest checkpoint is corrupt takes the newest valid one, naming the
+/// skipped file.
+#[test]
+fn resume_falls_back_past_a_corrupt_newest_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path());
+    let d = data.to_string_lossy().into_owned();
+    let run_dir = tmp.path().join("run");
+    let first = run(&args(&d, &run_dir, 4, &["--checkpoint-every", "2"]));
+    assert!(first.status.success(), "{}", text(&first));
+    let newest = run_dir.join("checkpoints/step-00000004.ckpt");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0xff; // a flipped bit in the last section
+    std::fs::write(&newest, &bytes).unwrap();
+    let more: Vec<String> =
+        ["run", "--resume", &run_dir.to_string_lossy(), "--steps", "4", "--metrics-addr", "off", "--no-progress"]
+            .map(String::from)
+            .to_vec();
+    let o = run(&more);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("skipping a corrupt checkpoint") && text(&o).contains("step-00000004.ckpt"));
+    assert!(text(&o).contains("resuming from") && text(&o).contains("step 2"), "{}", text(&o));
+}

@@ -91,11 +91,13 @@ pub(crate) struct Saver<'a, B: AutodiffBackend> {
     shards: &'a str,
     /// A randomly initialised tokenizer is saved with the run (real weights come from their file).
     tokenizer: Option<DalleEncoder<B::InnerBackend>>,
+    /// File name of the lineage's previous checkpoint (the next one's `parent`).
+    parent: Option<String>,
 }
 
 impl<B: AutodiffBackend> Saver<'_, B> {
     fn save(
-        &self,
+        &mut self,
         step: u64,
         loader: LoaderState,
         loss: Option<f64>,
@@ -121,13 +123,23 @@ impl<B: AutodiffBackend> Saver<'_, B> {
             // never reach a checkpoint (a resume then needs --shards again).
             shards: Some(redact::source(&absolute_source(self.shards))),
             loss_scaler: scaler.enabled.then_some(*scaler),
+            parent: self.parent.clone(),
             sections: Vec::new(),
             section_crc32: Vec::new(),
         };
         let path = checkpoint::write(self.run_dir, &header, &sections, self.config.checkpoint.keep_last)?;
+        self.parent = path.file_name().map(|n| n.to_string_lossy().into_owned());
         ::metrics::counter!(m::CHECKPOINTS).increment(1);
         ::metrics::histogram!(m::CHECKPOINT_SECONDS).record(t.elapsed().as_secs_f64());
         Ok(path)
+    }
+}
+
+/// Whether two paths name the same directory.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
     }
 }
 
@@ -226,6 +238,17 @@ pub fn run_from<B: AutodiffBackend>(
             (0, LoaderState::default())
         }
     };
+    // Resuming from an older checkpoint of this run rewinds it: the abandoned branch's later
+    // checkpoints move aside (never deleted), so "latest" means the newest of this lineage.
+    let parent = opts.resume.as_ref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+    if let Some(resumed) = &opts.resume
+        && checkpoint::run_dir_of(resumed).is_some_and(|d| same_dir(&d, run_dir))
+    {
+        let stamp = format!("step{step}-{}", std::process::id());
+        if let Some(aside) = checkpoint::abandon_after(run_dir, step, &stamp)? {
+            say!("rewound to step {step}: the later checkpoints of the abandoned branch are in {}", aside.display());
+        }
+    }
     drop(ck);
     // The optimizer's groups are keyed by parameter id, which the model record restores: build
     // it from the loaded model.
@@ -274,7 +297,7 @@ pub fn run_from<B: AutodiffBackend>(
     // The feeder owns the source and runs the tokenizer; the saver keeps a handle to a random
     // tokenizer's weights for the checkpoints.
     let feeder = Feeder::spawn(source, config.clone(), tokenizer.clone(), device.clone())?;
-    let saver = Saver { run_dir, config, config_toml: &config_toml, shards: &opts.shards, tokenizer };
+    let saver = Saver { run_dir, config, config_toml: &config_toml, shards: &opts.shards, tokenizer, parent };
     let steps = steps::StepLoop::new(
         config,
         opts,

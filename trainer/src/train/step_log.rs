@@ -36,7 +36,8 @@ fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> 
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
-/// Keeps the lines of the step log up to `step` (a resumed run rewrites what came after).
+/// Keeps the lines of the step log up to `step` (a resumed run rewrites what came after),
+/// replacing the file atomically.
 pub fn truncate_step_log(path: &Path, step: u64) -> Result<(), CaeError> {
     let Ok(text) = fs::read_to_string(path) else { return Ok(()) };
     let kept: String = text
@@ -44,7 +45,10 @@ pub fn truncate_step_log(path: &Path, step: u64) -> Result<(), CaeError> {
         .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step <= step))
         .map(|l| format!("{l}\n"))
         .collect();
-    fs::write(path, kept).map_err(CaeError::io(path))
+    // Atomically: a crash leaves the old log or the new one.
+    let tmp = path.with_extension("jsonl.tmp");
+    fs::write(&tmp, kept).map_err(CaeError::io(&tmp))?;
+    fs::rename(&tmp, path).map_err(CaeError::io(path))
 }
 
 /// Reads a step log (`metrics.jsonl`).
