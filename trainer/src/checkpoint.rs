@@ -114,6 +114,50 @@ impl Checkpoint {
             .ok_or_else(|| CaeError::Checkpoint { path: self.path.clone(), reason: format!("no section {name:?}") })
     }
 
+    /// The header alone (magic, header CRC), reading only the first bytes of the file.
+    pub fn read_header(path: &Path) -> Result<CheckpointHeader, CaeError> {
+        let mut f = fs::File::open(path).map_err(CaeError::io(path))?;
+        let len = f.metadata().map_err(CaeError::io(path))?.len();
+        let (header, _) = read_header_from(&mut f, path, len)?;
+        Ok(header)
+    }
+
+    /// Checks a checkpoint file whole (header and every section's CRC-32) while streaming it:
+    /// memory stays bounded whatever the file's size.
+    pub fn verify(path: &Path) -> Result<CheckpointHeader, CaeError> {
+        use std::io::Read;
+        let bad = |reason: String| CaeError::Checkpoint { path: path.to_path_buf(), reason };
+        let f = fs::File::open(path).map_err(CaeError::io(path))?;
+        let len = f.metadata().map_err(CaeError::io(path))?.len();
+        let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+        let (header, mut consumed) = read_header_from(&mut r, path, len)?;
+        let crcs = &header.section_crc32;
+        let mut buf = vec![0u8; 1 << 20];
+        for (i, (name, n)) in header.sections.iter().enumerate() {
+            let mut left = *n;
+            let mut h = crc32fast::Hasher::new();
+            while left > 0 {
+                let take = left.min(buf.len() as u64) as usize;
+                r.read_exact(&mut buf[..take]).map_err(|_| bad(format!("section {name:?} is truncated")))?;
+                h.update(&buf[..take]);
+                left -= take as u64;
+            }
+            consumed += n;
+            if let Some(&want) = crcs.get(i) {
+                let got = h.finalize();
+                if got != want {
+                    return Err(bad(format!(
+                        "section {name:?} is corrupt: its CRC-32 is {got:08x}, the header says {want:08x}"
+                    )));
+                }
+            }
+        }
+        if consumed != len {
+            return Err(bad(format!("{} trailing bytes", len.saturating_sub(consumed))));
+        }
+        Ok(header)
+    }
+
     /// Reads and checks a checkpoint file (magic, header, section lengths).
     pub fn read(path: &Path) -> Result<Self, CaeError> {
         let bytes = fs::read(path).map_err(CaeError::io(path))?;
@@ -167,6 +211,41 @@ impl Checkpoint {
     }
 }
 
+/// The header of a checkpoint from its first bytes (`len`: the file's size), checked (magic,
+/// header CRC, declared sizes within the file); returns it and the bytes consumed.
+fn read_header_from(r: &mut impl std::io::Read, path: &Path, len: u64) -> Result<(CheckpointHeader, u64), CaeError> {
+    let bad = |reason: String| CaeError::Checkpoint { path: path.to_path_buf(), reason };
+    let mut magic = [0u8; 16];
+    r.read_exact(&mut magic).map_err(|_| bad("not a CAE checkpoint (too short)".into()))?;
+    let v2 = &magic[..8] == MAGIC;
+    if !v2 && &magic[..8] != MAGIC_V1 {
+        return Err(bad("not a CAE checkpoint (bad magic)".into()));
+    }
+    let hlen = u64::from_le_bytes(magic[8..16].try_into().unwrap_or_default());
+    let mut want_crc = [0u8; 4];
+    if v2 {
+        r.read_exact(&mut want_crc).map_err(|_| bad("truncated header".into()))?;
+    }
+    let start = if v2 { 20 } else { 16 };
+    if hlen > len.saturating_sub(start) {
+        return Err(bad(format!("header length {hlen} exceeds the file")));
+    }
+    let mut json = vec![0u8; hlen as usize];
+    r.read_exact(&mut json).map_err(|_| bad("truncated header".into()))?;
+    if v2 {
+        let (got, want) = (crc32fast::hash(&json), u32::from_le_bytes(want_crc));
+        if got != want {
+            return Err(bad(format!("the header is corrupt: its CRC-32 is {got:08x}, the file says {want:08x}")));
+        }
+    }
+    let header: CheckpointHeader = serde_json::from_slice(&json).map_err(|e| bad(format!("bad header: {e}")))?;
+    let declared: u64 = header.sections.iter().map(|(_, n)| *n).sum();
+    if declared > len - start - hlen {
+        return Err(bad(format!("its sections declare {declared} bytes, more than the file holds")));
+    }
+    Ok((header, start + hlen))
+}
+
 /// File name of the checkpoint of `step`.
 pub fn file_name(step: u64) -> String {
     format!("step-{step:08}.{EXT}")
@@ -209,7 +288,7 @@ pub fn locate(path: &Path) -> Result<PathBuf, CaeError> {
         });
     }
     for (_, p) in all.iter().rev() {
-        match Checkpoint::read(p) {
+        match Checkpoint::verify(p) {
             Ok(_) => return Ok(p.clone()),
             Err(e) => {
                 tracing::warn!("skipping a corrupt checkpoint: {e}");
@@ -427,5 +506,28 @@ mod tests {
             Err(e) => e.to_string(),
         };
         assert!(e.contains("section \"model\" does not decode"), "{e}");
+    }
+
+    /// Streaming verification agrees with the full read: it accepts a good file, and names the
+    /// section of a flipped byte, a truncation and declared sizes beyond the file.
+    #[test]
+    fn verify_streams_and_agrees_with_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sections = [("model", vec![7u8; 3 << 20]), ("optimizer", vec![9u8; 1000])];
+        let path = write(tmp.path(), &header(3), &sections, 5).unwrap();
+        assert_eq!(Checkpoint::verify(&path).unwrap().step, 3);
+        assert_eq!(Checkpoint::read_header(&path).unwrap().sections.len(), 2);
+        let good = fs::read(&path).unwrap();
+        let mut flipped = good.clone();
+        let n = flipped.len();
+        flipped[n - 10] ^= 1;
+        fs::write(&path, &flipped).unwrap();
+        let e = Checkpoint::verify(&path).unwrap_err().to_string();
+        assert!(e.contains("\"optimizer\" is corrupt"), "{e}");
+        assert!(Checkpoint::read(&path).is_err());
+        fs::write(&path, &good[..good.len() - 500]).unwrap();
+        let e = Checkpoint::verify(&path).unwrap_err().to_string();
+        assert!(e.contains("more than the file holds"), "{e}");
+        assert!(Checkpoint::read_header(&path).is_err(), "sizes beyond the file are refused before reading them");
     }
 }

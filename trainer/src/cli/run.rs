@@ -165,10 +165,11 @@ pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
     let mut resume_shards = None;
     let mut config = match &resume {
         Some(ckpt) => {
-            let ck = checkpoint::Checkpoint::read(ckpt)?;
-            say!("resuming from {} (step {})", ckpt.display(), ck.header.step);
-            resume_shards = ck.header.shards.clone();
-            let saved = RunConfig::from_resolved_toml(&ck.header.config)?;
+            // The header only: the run reads the whole file once, when it loads it.
+            let header = checkpoint::Checkpoint::read_header(ckpt)?;
+            say!("resuming from {} (step {})", ckpt.display(), header.step);
+            resume_shards = header.shards.clone();
+            let saved = RunConfig::from_resolved_toml(&header.config)?;
             // The launch command re-run with --resume (what job scripts do): its --config and
             // --set must resolve to the saved config; a different one is refused, naming keys.
             if a.config.is_some() || !a.sets.is_empty() {
