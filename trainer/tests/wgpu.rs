@@ -123,6 +123,21 @@ fn wgpu_trains_micro_in_f32_and_supported_half_types() {
             dtypes.push(name);
         }
     }
+    if !<Wgpu as Backend>::supports_dtype(&dev, DType::BF16) {
+        // An unsupported autocast type is a clear config error at start, not a kernel panic.
+        let sets = ["model.target=\"pixels\"", "precision.dtype=\"bf16\"", "schedule.total_steps=1"].map(String::from);
+        let config = RunConfig::resolve(None, &sets).unwrap();
+        let opts = RunOptions {
+            run_dir: tmp.path().join("bf16"),
+            shards: data.to_string_lossy().into_owned(),
+            resume: None,
+            stop: Default::default(),
+            progress: false,
+            init_from: None,
+        };
+        let e = train::run::<Autodiff<Wgpu>>(&config, &opts, &dev).unwrap_err().to_string();
+        assert!(e.contains("Bf16") && e.contains("not supported by this device"), "{e}");
+    }
     for dtype in dtypes {
         let sets: Vec<String> = [
             "model.target=\"pixels\"".to_string(),

@@ -192,6 +192,15 @@ pub fn run_from<B: AutodiffBackend>(
     make_source: impl FnOnce(LoaderState) -> Result<Box<dyn BatchSource>, CaeError>,
 ) -> Result<RunSummary, CaeError> {
     let started = Instant::now();
+    if let Some(h) = crate::amp::half_of(config.precision.dtype)
+        && !B::InnerBackend::supports_dtype(device, h)
+    {
+        return Err(CaeError::Config(format!(
+            "precision.dtype = {:?} is not supported by this device ({}); use f16 or f32",
+            config.precision.dtype,
+            B::InnerBackend::name(device)
+        )));
+    }
     let run_dir = &opts.run_dir;
     fs::create_dir_all(run_dir).map_err(CaeError::io(run_dir))?;
     let config_toml = config.to_toml()?;
