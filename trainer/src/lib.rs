@@ -54,6 +54,7 @@ pub mod features;
 pub mod flops;
 pub mod gpu_check;
 pub mod knn;
+pub mod linear_probe;
 pub mod metrics;
 pub mod model;
 pub mod optim;

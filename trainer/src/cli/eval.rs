@@ -204,18 +204,120 @@ impl OnBackend for Knn<'_> {
     }
 }
 
-pub(super) fn knn_command(a: &KnnArgs) -> anyhow::Result<()> {
-    super::init_tracing();
-    let builtin = BuiltinData::under(&a.data_dir);
+/// The train and val shard sources of an evaluation: the flags, or the built-in sets (made if
+/// missing).
+fn eval_sources(train: &Option<String>, val: &Option<String>, data_dir: &Path) -> anyhow::Result<(String, String)> {
+    let builtin = BuiltinData::under(data_dir);
     let mut say = |l: String| println!("{l}");
-    let train_shards = match &a.train_shards {
+    let train_shards = match train {
         Some(s) => s.clone(),
         None => builtin::ensure(&builtin, &mut say)?.to_string_lossy().into_owned(),
     };
-    let val_shards = match &a.val_shards {
+    let val_shards = match val {
         Some(s) => s.clone(),
         None => builtin::ensure_val(&builtin, &mut say)?.to_string_lossy().into_owned(),
     };
+    Ok((train_shards, val_shards))
+}
+
+/// `trainer eval linear`: the linear probe ([`crate::linear_probe`]) on frozen features.
+#[derive(Args, Debug)]
+pub struct LinearArgs {
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
+    /// The labeled training set (default: the built-in sample set, generated if missing).
+    #[arg(long)]
+    pub train_shards: Option<String>,
+    /// The evaluation set (default: the built-in validation set, generated if missing).
+    #[arg(long)]
+    pub val_shards: Option<String>,
+    /// Root of the built-in data (for the defaults above).
+    #[arg(long, default_value = "data")]
+    pub data_dir: PathBuf,
+    /// Which feature: `cls` (the cls token) or `mean` (mean of the patch tokens), both after the
+    /// encoder's final LayerNorm.
+    #[arg(long, default_value = "cls")]
+    pub feature: String,
+    /// Training epochs of the classifier (for each learning rate tried, and the final fit).
+    #[arg(long, default_value_t = 50)]
+    pub epochs: usize,
+    /// Seed of the classifier's batch order and held-out split.
+    #[arg(long, default_value_t = 0)]
+    pub probe_seed: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The probe on a backend (with autodiff).
+struct Probe<'a> {
+    train: (&'a [f32], &'a [i64]),
+    val: (&'a [f32], &'a [i64]),
+    dim: usize,
+    epochs: usize,
+    seed: u64,
+}
+
+impl OnBackend for Probe<'_> {
+    type Output = crate::linear_probe::ProbeResult;
+    fn run<B: Backend>(self, device: &B::Device) -> anyhow::Result<Self::Output> {
+        let ((t, tl), (v, vl)) = (self.train, self.val);
+        Ok(crate::linear_probe::linear_probe::<burn::backend::Autodiff<B>>(
+            t,
+            tl,
+            v,
+            vl,
+            self.dim,
+            self.epochs,
+            self.seed,
+            device,
+        )?)
+    }
+}
+
+pub(super) fn linear_command(a: &LinearArgs) -> anyhow::Result<()> {
+    super::init_tracing();
+    if a.feature != "cls" && a.feature != "mean" {
+        super::usage!("--feature {:?}: expected cls or mean", a.feature);
+    }
+    let (train_shards, val_shards) = eval_sources(&a.train_shards, &a.val_shards, &a.data_dir)?;
+    let (feats, _model, what) = extract_features(&a.encoder, &[&train_shards, &val_shards])?;
+    let (train, val) = (&feats[0], &feats[1]);
+    let (t, v) = if a.feature == "cls" { (&train.cls, &val.cls) } else { (&train.mean, &val.mean) };
+    let job = Probe {
+        train: (t, &train.labels),
+        val: (v, &val.labels),
+        dim: train.dim,
+        epochs: a.epochs,
+        seed: a.probe_seed,
+    };
+    let r = on_device(DeviceKind::parse(&a.encoder.device)?, job)?;
+    if a.json {
+        let mut j = serde_json::to_value(&r)?;
+        j["feature"] = a.feature.clone().into();
+        j["encoder"] = what.into();
+        println!("{j}");
+    } else {
+        println!(
+            "linear probe ({} features, {} epochs, lr {} chosen on held-out {:.2}%): top-1 {:.2}%  top-5 {:.2}%  \
+             ({} train, {} val, {} classes)",
+            a.feature,
+            r.epochs,
+            r.lr,
+            100.0 * r.heldout_top1,
+            100.0 * r.top1,
+            100.0 * r.top5,
+            r.train_samples,
+            r.val_samples,
+            r.classes
+        );
+    }
+    Ok(())
+}
+
+pub(super) fn knn_command(a: &KnnArgs) -> anyhow::Result<()> {
+    super::init_tracing();
+    let (train_shards, val_shards) = eval_sources(&a.train_shards, &a.val_shards, &a.data_dir)?;
     let (feats, _model, what) = extract_features(&a.encoder, &[&train_shards, &val_shards])?;
     let (train, val) = (&feats[0], &feats[1]);
     let mut results = serde_json::Map::new();

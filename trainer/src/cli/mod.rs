@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 
 pub use bench::BenchArgs;
 pub use device::{DeviceKind, OnBackend, on_device};
-pub use eval::{EncoderArgs, FeaturesArgs, KnnArgs};
+pub use eval::{EncoderArgs, FeaturesArgs, KnnArgs, LinearArgs};
 pub use export::ExportArgs;
 pub use gpu_check::GpuCheckArgs;
 pub use run::RunArgs;
@@ -62,6 +62,9 @@ pub enum Command {
 pub enum EvalCommand {
     /// Weighted k-NN (cosine, k = 20, T = 0.07) top-1/top-5 on frozen encoder features.
     Knn(KnnArgs),
+    /// Linear probe: a linear classifier on frozen, per-dimension-normalised features (lr chosen
+    /// on a held-out part of the training split), top-1/top-5.
+    Linear(LinearArgs),
 }
 
 /// A run stopped by signal `signal` after writing its checkpoint: the process exits with
@@ -125,6 +128,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Command::GpuCheck(a)) => gpu_check::gpu_check_command(&a),
         Some(Command::Features(a)) => eval::features_command(&a),
         Some(Command::Eval(EvalCommand::Knn(a))) => eval::knn_command(&a),
+        Some(Command::Eval(EvalCommand::Linear(a))) => eval::linear_command(&a),
     }
 }
 
