@@ -55,6 +55,7 @@ pub fn load_dalle<B: Backend>(mut encoder: DalleEncoder<B>, path: &Path) -> Resu
         }
         encoder.load_from(&mut store).map_err(|e| err(e.to_string()))?
     } else {
+        super::torch_file::check(path, super::torch_file::DALLE_BOUND)?;
         let mut store = PytorchStore::from_file(path).validate(true).allow_partial(false);
         for (from, to) in remaps() {
             store = store.with_key_remapping(from, to);

@@ -81,6 +81,7 @@ fn werr(path: &Path, reason: String) -> CaeError {
 }
 
 fn open(path: &Path) -> Result<PytorchReader, CaeError> {
+    super::torch_file::check(path, super::torch_file::MMSELFSUP_BOUND)?;
     PytorchReader::new(path).map_err(|e| werr(path, format!("not a readable torch checkpoint: {e}")))
 }
 

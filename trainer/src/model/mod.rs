@@ -20,6 +20,7 @@ pub mod linear;
 pub mod mmselfsup_weights;
 pub mod pos_embed;
 pub mod regressor;
+pub mod torch_file;
 
 pub use cae::{
     Cae, CaeForward, CaeOutput, CaeTargets, MaskIndices, mask_index_tensors, mask_to_indices, pixel_targets,
