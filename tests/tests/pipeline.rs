@@ -381,6 +381,19 @@ fn bad_configs_fail_at_start() {
     micro_bad.mask.num_masked = 6;
     micro_bad.augment.view_size = 64;
     assert!(err(micro_bad).is_some_and(|e| e.contains("min_num_patches")));
+    // Values that made the mask generator spin for ever, or the crop sampler draw from NaN.
+    let mut spin = cfg(1);
+    spin.mask.max_num_patches = Some(0);
+    assert!(err(spin).is_some_and(|e| e.contains("mask.max_num_patches")));
+    let mut nan_aspect = cfg(1);
+    nan_aspect.mask.min_aspect = f64::NAN;
+    assert!(err(nan_aspect).is_some_and(|e| e.contains("mask.min_aspect")));
+    let mut reversed = cfg(1);
+    reversed.augment.scale = (1.0, 0.08);
+    assert!(err(reversed).is_some_and(|e| e.contains("augment.scale")));
+    let mut nan_ratio = cfg(1);
+    nan_ratio.augment.ratio = (f64::NAN, 1.0);
+    assert!(err(nan_ratio).is_some_and(|e| e.contains("augment.ratio")));
 }
 
 #[test]
