@@ -66,9 +66,29 @@ pub struct LoaderConfig {
     pub max_bad_fraction: f64,
     /// Stop after this many epochs; `None` = endless.
     pub epochs: Option<u64>,
+    /// Largest image accepted, in total pixels (width x height), checked from the header before
+    /// anything is allocated; larger ones are bad samples of kind `too_large`.
+    pub max_pixels: u64,
+    /// Largest tar member read; larger ones are skipped while streaming (never held in memory)
+    /// and their sample is a bad sample of kind `too_large`.
+    pub max_member_bytes: u64,
+    /// Whether every sample needs a `.cls` member. Pre-training never uses labels, so by
+    /// default a sample without one is fine (label -1).
+    pub labels: LabelPolicy,
     pub augment: AugmentConfig,
     pub mask: MaskConfig,
     pub http: HttpConfig,
+}
+
+/// `data.labels`: what a sample without a `.cls` member is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LabelPolicy {
+    /// A bad sample of kind `missing_class`.
+    Required,
+    /// A sample with label -1.
+    #[default]
+    Optional,
 }
 
 impl Default for LoaderConfig {
@@ -83,6 +103,9 @@ impl Default for LoaderConfig {
             world_size: 1,
             max_bad_fraction: 0.01,
             epochs: None,
+            max_pixels: crate::decode::DEFAULT_MAX_PIXELS as u64,
+            max_member_bytes: 64 << 20,
+            labels: LabelPolicy::Optional,
             augment: AugmentConfig::default(),
             mask: MaskConfig::default(),
             http: HttpConfig::default(),
@@ -133,6 +156,8 @@ pub struct LoaderStats {
     pub bytes_read: AtomicU64,
     pub samples_done: AtomicU64,
     pub bad_samples: AtomicU64,
+    /// Bad samples of kind `too_large` (over `max_pixels` or `max_member_bytes`).
+    pub too_large: AtomicU64,
     pub shards_failed: AtomicU64,
     pub decode_ns: AtomicU64,
     pub augment_ns: AtomicU64,
@@ -159,7 +184,8 @@ struct Job {
     index: u64,
     pass: u32,
     shard_name: Arc<str>,
-    sample: Result<ShardSample, String>,
+    /// The sample, or the error kind (`format`, `too_large`) and message of a broken one.
+    sample: Result<ShardSample, (&'static str, String)>,
 }
 
 enum Work {
@@ -172,6 +198,7 @@ enum Work {
 }
 
 /// A worker's result.
+#[derive(Debug)]
 struct Processed {
     view: Vec<u8>,
     token: Vec<u8>,
@@ -181,6 +208,7 @@ struct Processed {
     key: String,
 }
 
+#[derive(Debug)]
 struct Bad {
     kind: &'static str,
     shard: Arc<str>,
@@ -207,6 +235,9 @@ fn mix(words: &[u64]) -> u64 {
     }
     h
 }
+
+/// Error kind of a sample over `max_pixels` or with a member over `max_member_bytes`.
+const TOO_LARGE: &str = "too_large";
 
 const SHARD_SALT: u64 = 0x5AAD;
 const BUFFER_SALT: u64 = 0xB0FF;
@@ -243,6 +274,9 @@ impl Loader {
         }
         cfg.mask.validate().map_err(|e| LoaderError::Config(e.to_string()))?;
         cfg.augment.validate().map_err(|e| LoaderError::Config(e.to_string()))?;
+        if cfg.max_pixels == 0 || cfg.max_member_bytes == 0 {
+            return bad("max_pixels and max_member_bytes must be at least 1".into());
+        }
         let patch = cfg.augment.view_size / cfg.mask.grid.max(1);
         if patch * cfg.mask.grid != cfg.augment.view_size {
             return bad(format!(

@@ -348,7 +348,13 @@ fn bad_samples_are_skipped_and_too_many_is_fatal() {
     };
     let some_bad = tmp.path().join("some-bad.tar");
     write(&some_bad, 40, 10); // 8 bad of 40
-    let c = LoaderConfig { epochs: Some(1), max_bad_fraction: 0.5, batch_size: 4, ..cfg(2) };
+    let c = LoaderConfig {
+        epochs: Some(1),
+        max_bad_fraction: 0.5,
+        batch_size: 4,
+        labels: cae_pipeline::LabelPolicy::Required,
+        ..cfg(2)
+    };
     let batches = run_all(c, source::expand(some_bad.to_str().unwrap()).unwrap(), LoaderState::default());
     let keys: Vec<String> = batches.iter().flat_map(|(f, _)| f.keys.clone()).collect();
     assert_eq!(keys.len(), 32, "the 32 good samples arrive");
@@ -368,6 +374,61 @@ fn bad_samples_are_skipped_and_too_many_is_fatal() {
         }
     }
     assert!(matches!(fatal, Some(LoaderError::TooManyBad { .. })), "{fatal:?}");
+}
+
+/// Regression (issue 16): header-only 16384² JPEGs cost 805 MiB per worker; oversized members
+/// were read whole; unlabeled samples and `.png` members were rejected. Now the big ones are
+/// `too_large` (counted, skipped), and unlabeled and PNG samples train.
+#[test]
+fn huge_headers_and_members_are_skipped_while_unlabeled_and_png_samples_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shards(tmp.path());
+    let jpg = {
+        let f = std::fs::File::open(dir.join("train-000000.tar")).unwrap();
+        cae_pipeline::wds::SampleReader::new(f).next().unwrap().unwrap().get("jpg").unwrap().to_vec()
+    };
+    let mut bomb = jpg.clone();
+    let sof = bomb.windows(2).position(|m| m[0] == 0xFF && (0xC0..=0xC2).contains(&m[1])).expect("frame header");
+    bomb[sof + 5..sof + 9].copy_from_slice(&[0x40, 0x00, 0x40, 0x00]); // claims 16384 x 16384
+    let sos = bomb.windows(2).position(|m| m == [0xFF, 0xDA]).expect("scan header");
+    bomb.truncate(sos + 64); // headers only, like the 166-byte file of the issue
+    let png = {
+        let img = cae_pipeline::decode::decode_jpeg(&jpg, true).unwrap();
+        let rgb = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.pixels).unwrap();
+        let mut out = std::io::Cursor::new(Vec::new());
+        rgb.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    };
+    let path = tmp.path().join("mixed.tar");
+    let mut w = ShardWriter::create(&path).unwrap();
+    let big_member = vec![0u8; 300_000];
+    for i in 0..24 {
+        let key = format!("m{i:03}");
+        match i % 6 {
+            0 => w.write_sample(&key, &[("jpg", &bomb), ("cls", b"1")]).unwrap(),
+            1 => w.write_sample(&key, &[("jpg", &big_member), ("cls", b"1")]).unwrap(),
+            2 => w.write_sample(&key, &[("png", &png)]).unwrap(), // PNG, no label
+            3 => w.write_sample(&key, &[("jpeg", &jpg)]).unwrap(), // .jpeg, no label
+            _ => w.write_sample(&key, &[("jpg", &jpg), ("cls", b"2")]).unwrap(),
+        }
+    }
+    w.finish().unwrap();
+    let c = LoaderConfig { epochs: Some(1), max_bad_fraction: 0.5, max_member_bytes: 200_000, ..cfg(2) };
+    let loader = Loader::new(c, source::expand(path.to_str().unwrap()).unwrap(), LoaderState::default()).unwrap();
+    let mut got = Vec::new();
+    while let Some(b) = loader.next_blocking() {
+        let b = b.expect("no fatal error");
+        got.extend(b.keys.iter().cloned().zip(b.labels.iter().copied()));
+    }
+    let s = loader.stats();
+    assert_eq!(s.too_large.load(Ordering::Relaxed), 8, "4 pixel bombs + 4 oversized members");
+    assert_eq!(s.bad_samples.load(Ordering::Relaxed), 8);
+    assert_eq!(got.len(), 16, "every other sample arrives: {got:?}");
+    for (key, label) in &got {
+        let i: usize = key[1..].parse().unwrap();
+        assert!(i % 6 >= 2, "{key} should have been skipped");
+        assert_eq!(*label, if i % 6 < 4 { -1 } else { 2 }, "{key}");
+    }
 }
 
 #[test]

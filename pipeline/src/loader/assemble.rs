@@ -83,6 +83,9 @@ impl Assembler {
                     Err(bad) => {
                         bad_count += 1;
                         self.stats.bad_samples.fetch_add(1, Ordering::Relaxed);
+                        if bad.kind == super::TOO_LARGE {
+                            self.stats.too_large.fetch_add(1, Ordering::Relaxed);
+                        }
                         ::metrics::counter!(m::ERRORS, "kind" => bad.kind).increment(1);
                         tracing::warn!("skipping sample {} of shard {}: {}", bad.key, bad.shard, bad.reason);
                         if seen >= 200 && bad_count as f64 > self.cfg.max_bad_fraction * seen as f64 {

@@ -9,7 +9,9 @@ use std::time::Instant;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{BUFFER_SALT, Job, LoaderConfig, LoaderError, LoaderState, LoaderStats, Work, epoch_shards, mix};
+use super::{
+    BUFFER_SALT, Job, LoaderConfig, LoaderError, LoaderState, LoaderStats, TOO_LARGE, Work, epoch_shards, mix,
+};
 use crate::batch::Batch;
 use crate::http::HttpFetcher;
 use crate::metrics as m;
@@ -132,7 +134,7 @@ impl Reader {
                 };
                 ::metrics::counter!(m::SHARDS_OPENED).increment(1);
                 let mut t = Instant::now();
-                for (index, sample) in SampleReader::new(reader).enumerate() {
+                for (index, sample) in SampleReader::with_max_member(reader, cfg.max_member_bytes).enumerate() {
                     if let Some(h) = self.halted(epoch) {
                         return Err(h);
                     }
@@ -148,7 +150,8 @@ impl Reader {
                             ::metrics::counter!(m::ERRORS, "kind" => "tar").increment(1);
                             break;
                         }
-                        Err(e) => Err(e.to_string()),
+                        Err(e @ WdsError::MemberTooLarge { .. }) => Err((TOO_LARGE, e.to_string())),
+                        Err(e) => Err(("format", e.to_string())),
                     };
                     let bytes: u64 = sample.as_ref().map_or(0, |s| s.fields.iter().map(|(_, b)| b.len() as u64).sum());
                     self.stats.samples_read.fetch_add(1, Ordering::Relaxed);
