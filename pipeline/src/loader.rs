@@ -66,6 +66,9 @@ pub struct LoaderConfig {
     pub max_bad_fraction: f64,
     /// Stop after this many epochs; `None` = endless.
     pub epochs: Option<u64>,
+    /// Failed shards (distinct) tolerated before the run stops with [`LoaderError::ShardsFailed`];
+    /// `None` = 0 when every shard is local, 1 % of the shard count when some are remote.
+    pub max_failed_shards: Option<u64>,
     /// Largest image accepted, in total pixels (width x height), checked from the header before
     /// anything is allocated; larger ones are bad samples of kind `too_large`.
     pub max_pixels: u64,
@@ -103,6 +106,7 @@ impl Default for LoaderConfig {
             world_size: 1,
             max_bad_fraction: 0.01,
             epochs: None,
+            max_failed_shards: None,
             max_pixels: crate::decode::DEFAULT_MAX_PIXELS as u64,
             max_member_bytes: 64 << 20,
             labels: LabelPolicy::Optional,
@@ -145,6 +149,13 @@ pub enum LoaderError {
     NoData { rank: usize, epoch: u64 },
     #[error("i/o: {0}")]
     Io(String),
+    /// Local shards listed (path, brace pattern or manifest) that do not exist: at start.
+    #[error("{} listed shard(s) do not exist: {}", missing.len(), list_some(missing))]
+    MissingShards { missing: Vec<String> },
+    /// More shards failed (open error, broken tar, short against the manifest) than
+    /// `max_failed_shards` allows: the run stops rather than train on a silent subset.
+    #[error("{} shard(s) failed, more than max_failed_shards {max} (last: {last}): {}", failed.len(), list_some(failed))]
+    ShardsFailed { failed: Vec<String>, max: u64, last: String },
     #[error("the loader's {thread} thread panicked (a bug, please report it): {what}")]
     Panicked { thread: &'static str, what: String },
 }
@@ -224,6 +235,16 @@ enum Done {
     EndOfEpoch { epoch: u64, total: u64 },
 }
 
+/// The first names of a list, and how many more, for error messages.
+fn list_some(names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut s = names.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
+}
+
 /// SplitMix64 over several words: independent seeds for (seed, epoch, shard, index, ...).
 fn mix(words: &[u64]) -> u64 {
     let mut h = 0x243F_6A88_85A3_08D3u64;
@@ -294,6 +315,19 @@ impl Loader {
                 cfg.world_size, cfg.batch_size
             ));
         }
+        let missing: Vec<String> = shards
+            .iter()
+            .filter(|s| !s.is_http() && !std::path::Path::new(&s.url).is_file())
+            .map(|s| s.url.clone())
+            .collect();
+        if !missing.is_empty() {
+            return Err(LoaderError::MissingShards { missing });
+        }
+        let max_failed_shards = cfg.max_failed_shards.unwrap_or(if shards.iter().any(ShardSpec::is_http) {
+            shards.len() as u64 / 100
+        } else {
+            0
+        });
         m::describe();
         let http = if shards.iter().any(ShardSpec::is_http) {
             Some(HttpFetcher::new(&cfg.http).map_err(|e| LoaderError::Io(e.to_string()))?)
@@ -326,6 +360,8 @@ impl Loader {
                 epoch_done: epoch_done.clone(),
                 stats: stats.clone(),
                 known_length: per_epoch.is_some(),
+                failed: Default::default(),
+                max_failed_shards,
             };
             // The reader may sit in a blocking read when the loader is dropped: not joined.
             let out = reader.err_tx.clone();

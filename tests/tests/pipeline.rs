@@ -260,7 +260,7 @@ fn a_dead_http_shard_is_skipped_and_counted() {
     let faults = HashMap::from([(names[1].clone(), Fault::Dead)]);
     let server = serve(dir.clone(), faults);
     let pattern = format!("http://{}/train-{{000000..{:06}}}.tar", server.addr, names.len() - 1);
-    let mut c = LoaderConfig { epochs: Some(1), ..cfg(1) };
+    let mut c = LoaderConfig { epochs: Some(1), max_failed_shards: Some(1), ..cfg(1) };
     c.http.retries = 2;
     c.http.backoff_ms = 10;
     let loader = Loader::new(c, source::expand(&pattern).unwrap(), LoaderState::default()).unwrap();
@@ -308,7 +308,8 @@ fn corrupt_shard_bytes_never_panic() {
         std::fs::write(bad_dir.join(format!("bad-{v:02}.tar")), bytes).unwrap();
     }
     let pattern = bad_dir.join("bad-{00..11}.tar");
-    let c = LoaderConfig { epochs: Some(1), max_bad_fraction: 1.0, batch_size: 2, ..cfg(2) };
+    let c =
+        LoaderConfig { epochs: Some(1), max_bad_fraction: 1.0, batch_size: 2, max_failed_shards: Some(100), ..cfg(2) };
     let loader = Loader::new(c, source::expand(pattern.to_str().unwrap()).unwrap(), LoaderState::default()).unwrap();
     let mut batches = 0;
     while let Some(b) = loader.next_blocking() {
@@ -429,6 +430,59 @@ fn huge_headers_and_members_are_skipped_while_unlabeled_and_png_samples_load() {
         assert!(i % 6 >= 2, "{key} should have been skipped");
         assert_eq!(*label, if i % 6 < 4 { -1 } else { 2 }, "{key}");
     }
+}
+
+/// Regression (issue 16): a mistyped brace range, a deleted shard or a shard cut exactly at a
+/// member boundary trained silently on a subset. Now a missing local shard is an error at start
+/// naming it, and a short shard (against the manifest) is a failed shard that stops the run.
+#[test]
+fn missing_and_short_local_shards_are_errors_not_silent_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shards(tmp.path());
+    let n = shard_names(&dir).len();
+    // A brace range one past the last shard.
+    let pattern = dir.join(format!("train-{{000000..{n:06}}}.tar"));
+    let err = Loader::new(cfg(1), source::expand(pattern.to_str().unwrap()).unwrap(), LoaderState::default()).err();
+    match err {
+        Some(LoaderError::MissingShards { missing }) => {
+            assert_eq!(missing, vec![dir.join(format!("train-{n:06}.tar")).to_string_lossy().into_owned()])
+        }
+        other => panic!("expected the missing shard named, got {other:?}"),
+    }
+    // A shard rewritten with two samples fewer: whole tar, but short against the manifest.
+    let (specs, _) = shard_specs(&dir);
+    let victim = dir.join("train-000001.tar");
+    let samples: Vec<_> =
+        cae_pipeline::wds::SampleReader::new(std::fs::File::open(&victim).unwrap()).map(|s| s.unwrap()).collect();
+    let mut w = ShardWriter::create(&victim).unwrap();
+    for smp in &samples[..samples.len() - 2] {
+        let refs: Vec<(&str, &[u8])> = smp.fields.iter().map(|(e, b)| (e.as_str(), b.as_slice())).collect();
+        w.write_sample(&smp.key, &refs).unwrap();
+    }
+    w.finish().unwrap();
+    let run = |c: LoaderConfig| {
+        let loader = Loader::new(c, specs.clone(), LoaderState::default()).expect("starts");
+        let mut fatal = None;
+        while let Some(b) = loader.next_blocking() {
+            if let Err(e) = b {
+                fatal = Some(e);
+                break;
+            }
+        }
+        (fatal, loader.stats().shards_failed.load(Ordering::Relaxed))
+    };
+    let (fatal, _) = run(LoaderConfig { epochs: Some(1), ..cfg(2) });
+    match fatal {
+        Some(LoaderError::ShardsFailed { failed, max: 0, last }) => {
+            assert_eq!(failed, vec![victim.to_string_lossy().into_owned()]);
+            assert!(last.contains("short shard") && last.contains(&format!("says {}", samples.len())), "{last}");
+        }
+        other => panic!("expected the short shard to stop the run, got {other:?}"),
+    }
+    // Tolerated when configured: counted, and the run completes.
+    let (fatal, failed) = run(LoaderConfig { epochs: Some(1), max_failed_shards: Some(1), ..cfg(2) });
+    assert!(fatal.is_none(), "{fatal:?}");
+    assert!(failed >= 1);
 }
 
 #[test]

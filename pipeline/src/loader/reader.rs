@@ -1,5 +1,7 @@
 //! The reader thread: per-epoch shard order, tar reading, the shuffle buffer, sequence numbers.
 
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::sync::Arc;
@@ -28,6 +30,9 @@ pub(super) struct Reader {
     pub(super) epoch_done: Arc<AtomicU64>,
     pub(super) stats: Arc<LoaderStats>,
     pub(super) known_length: bool,
+    /// Failed shards (distinct URLs) so far, and how many are tolerated.
+    pub(super) failed: RefCell<BTreeSet<String>>,
+    pub(super) max_failed_shards: u64,
 }
 
 /// Why the reader stops reading the current epoch.
@@ -126,12 +131,11 @@ impl Reader {
                 let reader = match opened {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::warn!("shard {}: cannot open: {e}; skipped", spec.url);
-                        self.stats.shards_failed.fetch_add(1, Ordering::Relaxed);
-                        ::metrics::counter!(m::SHARDS_FAILED).increment(1);
+                        self.shard_failed(spec, format!("cannot open: {e}"))?;
                         continue;
                     }
                 };
+                let (mut in_shard, mut broken) = (0u64, false);
                 ::metrics::counter!(m::SHARDS_OPENED).increment(1);
                 let mut t = Instant::now();
                 for (index, sample) in SampleReader::with_max_member(reader, cfg.max_member_bytes).enumerate() {
@@ -141,13 +145,12 @@ impl Reader {
                     let sample = match sample {
                         Ok(s) => Ok(s),
                         Err(WdsError::Tar { after_sample, message }) => {
-                            tracing::warn!(
-                                "shard {}: {message} after sample {after_sample}; rest of shard skipped",
-                                spec.url
-                            );
-                            self.stats.shards_failed.fetch_add(1, Ordering::Relaxed);
-                            ::metrics::counter!(m::SHARDS_FAILED).increment(1);
                             ::metrics::counter!(m::ERRORS, "kind" => "tar").increment(1);
+                            broken = true;
+                            self.shard_failed(
+                                spec,
+                                format!("{message} after sample {after_sample}; rest of shard skipped"),
+                            )?;
                             break;
                         }
                         Err(e @ WdsError::MemberTooLarge { .. }) => Err((TOO_LARGE, e.to_string())),
@@ -160,6 +163,7 @@ impl Reader {
                     ::metrics::counter!(m::SAMPLES_READ).increment(1);
                     ::metrics::counter!(m::BYTES_READ).increment(bytes);
                     read_this_pass += 1;
+                    in_shard += 1;
                     let job = Box::new(Job {
                         epoch,
                         seq: 0,
@@ -173,6 +177,12 @@ impl Reader {
                         emit(out, &mut seq)?;
                     }
                     t = Instant::now();
+                }
+                if let Some(n) = spec.samples
+                    && !broken
+                    && in_shard != n
+                {
+                    self.shard_failed(spec, format!("{in_shard} samples read, the manifest says {n} (short shard)"))?;
                 }
             }
             if read_this_pass == 0 {
@@ -195,6 +205,23 @@ impl Reader {
             pass += 1;
         }
         self.job_tx.send(Work::EndOfEpoch { epoch, total: seq }).map_err(|_| Halt::Stop)
+    }
+
+    /// Counts a failed shard (open error, broken tar, fewer samples than its manifest says) and
+    /// stops the run once more distinct shards have failed than `max_failed_shards` allows.
+    fn shard_failed(&self, spec: &ShardSpec, reason: String) -> Result<(), Halt> {
+        tracing::warn!("shard {}: {reason}", spec.url);
+        self.stats.shards_failed.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(m::SHARDS_FAILED).increment(1);
+        let mut failed = self.failed.borrow_mut();
+        failed.insert(spec.url.clone());
+        if failed.len() as u64 > self.max_failed_shards {
+            let failed: Vec<String> = failed.iter().cloned().collect();
+            let e = LoaderError::ShardsFailed { failed, max: self.max_failed_shards, last: reason };
+            let _ = self.err_tx.send_blocking(Err(e));
+            return Err(Halt::Stop);
+        }
+        Ok(())
     }
 
     fn open(&self, shard: usize) -> Result<Box<dyn Read + Send>, String> {
