@@ -38,6 +38,39 @@ impl Default for AugmentConfig {
     }
 }
 
+/// Why an augmentation configuration cannot work (the message names the key).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("augment config: {0}")]
+pub struct AugmentConfigError(pub String);
+
+impl AugmentConfig {
+    /// Rejects values the crop sampler cannot use: sizes of 0, NaN/infinite or non-positive
+    /// ranges, reversed ranges, a crop scale above 1 (a box larger than the image never fits, so
+    /// every sample would fall back to the centre crop) and a flip probability outside 0..=1.
+    pub fn validate(&self) -> Result<(), AugmentConfigError> {
+        let err = |m: String| Err(AugmentConfigError(m));
+        if self.view_size == 0 || self.token_size == 0 {
+            return err(format!(
+                "augment.view_size {} and augment.token_size {} must be at least 1",
+                self.view_size, self.token_size
+            ));
+        }
+        let (lo, hi) = self.scale;
+        // Written as negations so that NaN (false in every comparison) is rejected too.
+        if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi && hi <= 1.0) {
+            return err(format!("augment.scale ({lo}, {hi}) must satisfy 0 < min <= max <= 1"));
+        }
+        let (lo, hi) = self.ratio;
+        if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi) {
+            return err(format!("augment.ratio ({lo}, {hi}) must be finite with 0 < min <= max"));
+        }
+        if !(0.0..=1.0).contains(&self.flip_prob) {
+            return err(format!("augment.flip_prob {} must be in 0..=1", self.flip_prob));
+        }
+        Ok(())
+    }
+}
+
 /// A crop box in pixel coordinates of the image it was drawn on: `top`, `left`, `height`, `width`
 /// (torchvision's i, j, h, w).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,6 +367,34 @@ mod tests {
                 assert!(ar > 0.7 && ar < 1.4, "{b:?}");
             }
         }
+    }
+
+    /// Regression: NaN, reversed or out-of-range crop values were accepted unchecked.
+    #[test]
+    fn bad_crop_values_are_config_errors_naming_the_key() {
+        let d = AugmentConfig::default();
+        d.validate().expect("defaults are valid");
+        let nan = f64::NAN;
+        let cases = [
+            (AugmentConfig { scale: (nan, 1.0), ..d.clone() }, "augment.scale"),
+            (AugmentConfig { scale: (0.5, 0.2), ..d.clone() }, "augment.scale"),
+            (AugmentConfig { scale: (0.0, 1.0), ..d.clone() }, "augment.scale"),
+            (AugmentConfig { scale: (0.5, 1.5), ..d.clone() }, "augment.scale"),
+            (AugmentConfig { ratio: (nan, 1.0), ..d.clone() }, "augment.ratio"),
+            (AugmentConfig { ratio: (0.75, f64::INFINITY), ..d.clone() }, "augment.ratio"),
+            (AugmentConfig { ratio: (-1.0, 1.0), ..d.clone() }, "augment.ratio"),
+            (AugmentConfig { ratio: (1.33, 0.75), ..d.clone() }, "augment.ratio"),
+            (AugmentConfig { flip_prob: nan, ..d.clone() }, "augment.flip_prob"),
+            (AugmentConfig { view_size: 0, ..d.clone() }, "augment.view_size"),
+        ];
+        for (cfg, key) in cases {
+            let e = cfg.validate().expect_err(key);
+            assert!(e.to_string().contains(key), "{e}");
+        }
+        // The sampler's attempts stay bounded whatever the values: 10 tries, then the fallback.
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let b = crop_box(300, 200, &AugmentConfig { scale: (nan, nan), ratio: (nan, nan), ..d }, &mut rng);
+        assert!(b.left + b.width <= 300 && b.top + b.height <= 200, "{b:?}");
     }
 
     #[test]

@@ -14,6 +14,10 @@ use zune_jpeg::{JpegDecoder, NeverCancel, SampleRatios};
 /// Largest accepted image side (pixels). ImageNet's largest is under 5000.
 pub const MAX_SIDE: usize = 16384;
 
+/// Default cap on an image's total pixels (width x height), checked from the header before
+/// anything is allocated: 100 MP (300 MB of RGB). ImageNet's largest is about 16 MP.
+pub const DEFAULT_MAX_PIXELS: usize = 100_000_000;
+
 /// Container formats recognised by their magic bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -51,8 +55,12 @@ pub enum DecodeError {
     NotJpeg(Format),
     #[error("corrupt JPEG: {0}")]
     Corrupt(String),
-    #[error("image is {width}x{height}, larger than the {max} px limit")]
-    TooLarge { width: usize, height: usize, max: usize },
+    /// The header claims more pixels than allowed: refused before any allocation.
+    #[error("image is {width}x{height}, over the limits ({max_side} px a side, {max_pixels} pixels)")]
+    TooLarge { width: usize, height: usize, max_side: usize, max_pixels: usize },
+    /// A PNG or WebP the `image` crate cannot read.
+    #[error("corrupt {format:?}: {message}")]
+    Other { format: Format, message: String },
     #[error("output buffer holds {have} bytes, {need} needed")]
     Buffer { have: usize, need: usize },
 }
@@ -131,7 +139,7 @@ pub fn decode_jpeg(bytes: &[u8], strict: bool) -> Result<RgbImage, DecodeError> 
 
 /// Decodes into a reused image buffer (grown when needed, never shrunk).
 pub fn decode_jpeg_into(bytes: &[u8], strict: bool, out: &mut RgbImage) -> Result<(), DecodeError> {
-    let (mut dec, w, h) = start(bytes, strict, out)?;
+    let (mut dec, w, h) = start(bytes, strict, DEFAULT_MAX_PIXELS, out)?;
     dec.decode_into(&mut out.pixels).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
     (out.width, out.height) = (w, h);
     Ok(())
@@ -158,7 +166,68 @@ pub fn decode_jpeg_rows_into(
     out: &mut RgbImage,
     rows_for: impl FnOnce(usize, usize) -> usize,
 ) -> Result<(usize, usize), DecodeError> {
-    decode_rows_with(bytes, strict, out, rows_for, POLLS_PER_MCU_ROW).map(|(w, h, _resumed)| (w, h))
+    decode_jpeg_rows_capped(bytes, strict, DEFAULT_MAX_PIXELS, out, rows_for)
+}
+
+/// [`decode_jpeg_rows_into`] with a cap on the image's total pixels: a header claiming more
+/// than `max_pixels` is [`DecodeError::TooLarge`] before `out` is touched (a 166-byte file whose
+/// header says 16384x16384 would otherwise cost 805 MiB).
+pub fn decode_jpeg_rows_capped(
+    bytes: &[u8],
+    strict: bool,
+    max_pixels: usize,
+    out: &mut RgbImage,
+    rows_for: impl FnOnce(usize, usize) -> usize,
+) -> Result<(usize, usize), DecodeError> {
+    decode_rows_with(bytes, strict, max_pixels, out, rows_for, POLLS_PER_MCU_ROW).map(|(w, h, _resumed)| (w, h))
+}
+
+/// Checks a size read from a header against [`MAX_SIDE`] and `max_pixels`.
+pub fn check_size(width: usize, height: usize, max_pixels: usize) -> Result<(), DecodeError> {
+    if width == 0 || height == 0 {
+        return Err(DecodeError::Corrupt(format!("image has size {width}x{height}")));
+    }
+    if width > MAX_SIDE || height > MAX_SIDE || width.saturating_mul(height) > max_pixels {
+        return Err(DecodeError::TooLarge { width, height, max_side: MAX_SIDE, max_pixels });
+    }
+    Ok(())
+}
+
+/// Decodes a PNG or WebP (the `image` crate) whole into `out` as RGB, after checking the size
+/// its header claims against `max_pixels` (nothing is allocated for a refused image). `format`
+/// is the member's, from its extension or [`Format::sniff`].
+pub fn decode_other_into(
+    bytes: &[u8],
+    format: Format,
+    max_pixels: usize,
+    out: &mut RgbImage,
+) -> Result<(), DecodeError> {
+    let fmt = match format {
+        Format::Png => image::ImageFormat::Png,
+        Format::Webp => image::ImageFormat::WebP,
+        Format::Jpeg => return decode_jpeg_into(bytes, true, out),
+        other => return Err(DecodeError::Other { format: other, message: "unsupported format".into() }),
+    };
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let err = |e: image::ImageError| DecodeError::Other { format, message: e.to_string() };
+    let reader = || image::ImageReader::with_format(std::io::Cursor::new(bytes), fmt);
+    let (w, h) = reader().into_dimensions().map_err(err)?;
+    check_size(w as usize, h as usize, max_pixels)?;
+    let mut r = reader();
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    // RGBA at 16 bits a channel is the largest buffer the decoder may need, plus the RGB copy.
+    limits.max_alloc = Some((w as u64 * h as u64).saturating_mul(8 + 3).max(1 << 20));
+    r.limits(limits);
+    let img = r.decode().map_err(err)?.into_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    out.pixels.clear();
+    out.pixels.extend_from_slice(img.as_raw());
+    (out.width, out.height) = (w, h);
+    Ok(())
 }
 
 /// How many times zune-jpeg 0.5.16 polls the cancel check per MCU row of a sequential image.
@@ -167,11 +236,12 @@ const POLLS_PER_MCU_ROW: usize = 2;
 fn decode_rows_with(
     bytes: &[u8],
     strict: bool,
+    max_pixels: usize,
     out: &mut RgbImage,
     rows_for: impl FnOnce(usize, usize) -> usize,
     polls_per_row: usize,
 ) -> Result<(usize, usize, bool), DecodeError> {
-    let (mut dec, w, h) = start(bytes, strict, out)?;
+    let (mut dec, w, h) = start(bytes, strict, max_pixels, out)?;
     let want = rows_for(w, h).min(h);
     let info = dec.info().ok_or_else(|| DecodeError::Corrupt("no frame header".into()))?;
     // One-component images decode in 8-row MCUs whatever their sampling factors say.
@@ -211,19 +281,20 @@ fn decode_rows_with(
 
 type Decoder<'a> = JpegDecoder<ZCursor<&'a [u8]>>;
 
-/// Reads and checks the headers and sizes `out.pixels` for the whole image.
-fn start<'a>(bytes: &'a [u8], strict: bool, out: &mut RgbImage) -> Result<(Decoder<'a>, usize, usize), DecodeError> {
+/// Reads and checks the headers (size against [`MAX_SIDE`] and `max_pixels`) and only then
+/// sizes `out.pixels` for the whole image.
+fn start<'a>(
+    bytes: &'a [u8],
+    strict: bool,
+    max_pixels: usize,
+    out: &mut RgbImage,
+) -> Result<(Decoder<'a>, usize, usize), DecodeError> {
     check_jpeg(bytes)?;
     let mut dec = JpegDecoder::new_with_options(ZCursor::new(bytes), options(strict));
     dec.decode_headers().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
     let info = dec.info().ok_or_else(|| DecodeError::Corrupt("no frame header".into()))?;
     let (w, h) = (info.width as usize, info.height as usize);
-    if w == 0 || h == 0 {
-        return Err(DecodeError::Corrupt(format!("image has size {w}x{h}")));
-    }
-    if w > MAX_SIDE || h > MAX_SIDE {
-        return Err(DecodeError::TooLarge { width: w, height: h, max: MAX_SIDE });
-    }
+    check_size(w, h, max_pixels)?;
     let need = dec.output_buffer_size().ok_or_else(|| DecodeError::Corrupt("unknown output size".into()))?;
     if need != w * h * 3 {
         return Err(DecodeError::Buffer { have: w * h * 3, need });
@@ -371,6 +442,22 @@ mod tests {
         }
     }
 
+    /// Regression: a header claiming 16384x16384 (within `MAX_SIDE`) made the decoder allocate
+    /// 805 MiB before finding out the data was missing. The pixel cap refuses it from the header.
+    #[test]
+    fn the_pixel_cap_refuses_before_allocating() {
+        let mut b = encode(16, 16, SamplingFactor::F_1_1, false, false);
+        let sof = b.windows(2).position(|m| m == [0xFF, 0xC0]).expect("SOF0");
+        b[sof + 5..sof + 9].copy_from_slice(&[0x40, 0x00, 0x40, 0x00]); // 16384 x 16384
+        let mut out = RgbImage::default();
+        let e = decode_jpeg_rows_into(&b, true, &mut out, |_, h| h).expect_err("refused");
+        assert!(matches!(e, DecodeError::TooLarge { width: 16384, height: 16384, .. }), "{e}");
+        assert_eq!(out.pixels.capacity(), 0, "nothing allocated");
+        let ok = encode(64, 48, SamplingFactor::F_1_1, false, false);
+        assert!(decode_jpeg_rows_capped(&ok, true, 64 * 48 - 1, &mut out, |_, h| h).is_err());
+        assert_eq!(decode_jpeg_rows_capped(&ok, true, 64 * 48, &mut out, |_, h| h), Ok((64, 48)));
+    }
+
     #[test]
     fn stopping_too_early_resumes_to_the_end() {
         // One poll per MCU row assumed where the decoder makes two: the stop comes at about half
@@ -379,7 +466,8 @@ mod tests {
         let jpg = encode(w, h, SamplingFactor::F_2_2, false, false);
         let full = decode_jpeg(&jpg, true).expect("full decode");
         let mut out = RgbImage::default();
-        let (_, _, resumed) = decode_rows_with(&jpg, true, &mut out, |_, _| 200, 1).expect("decode");
+        let (_, _, resumed) =
+            decode_rows_with(&jpg, true, DEFAULT_MAX_PIXELS, &mut out, |_, _| 200, 1).expect("decode");
         assert!(resumed, "expected the early stop to fall short of 200 rows");
         assert_eq!(out.height, h);
         assert!(out.pixels == full.pixels);

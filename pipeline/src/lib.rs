@@ -31,4 +31,4 @@ pub mod source;
 pub mod wds;
 
 pub use batch::Batch;
-pub use loader::{Loader, LoaderConfig, LoaderError, LoaderState};
+pub use loader::{LabelPolicy, Loader, LoaderConfig, LoaderError, LoaderState};

@@ -57,6 +57,28 @@ pub enum ManifestError {
     Parse { path: String, source: serde_json::Error },
     #[error("{path}: unsupported format {found:?} (expected {MANIFEST_FORMAT:?})")]
     Format { path: String, found: String },
+    /// A shard name that is not a plain file name (`/`, `\\`, `..`, empty): joined to the
+    /// manifest's directory it could point anywhere (`/etc/passwd`, `../../x`).
+    #[error("{path}: shard name {name:?} refused: {reason}")]
+    ShardName { path: String, name: String, reason: &'static str },
+}
+
+/// Checks that a shard name from a manifest (or a sharder journal) is a plain file name inside
+/// the manifest's directory: not empty, no path separator, not `.`/`..` and no `..` anywhere.
+pub fn check_shard_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name == "." {
+        return Err("empty");
+    }
+    if name.contains('/') || name.contains('\\') {
+        return Err("contains a path separator");
+    }
+    if name.contains("..") {
+        return Err("contains `..`");
+    }
+    if name.contains('\0') {
+        return Err("contains a NUL byte");
+    }
+    Ok(())
 }
 
 impl Manifest {
@@ -70,6 +92,52 @@ impl Manifest {
         if m.format != MANIFEST_FORMAT {
             return Err(ManifestError::Format { path: p, found: m.format });
         }
+        for s in &m.shards {
+            check_shard_name(&s.name).map_err(|reason| ManifestError::ShardName {
+                path: p.clone(),
+                name: s.name.clone(),
+                reason,
+            })?;
+        }
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wds::ShardDigest;
+
+    fn manifest_with(names: &[&str]) -> Manifest {
+        let digest = ShardDigest { samples: 1, bytes: 1, sha256: "0".repeat(64) };
+        Manifest {
+            format: MANIFEST_FORMAT.into(),
+            prefix: "train".into(),
+            seed: 0,
+            classes: vec![],
+            input_files: 1,
+            total_samples: 1,
+            total_bytes: 1,
+            converted: 0,
+            rejected: 0,
+            shards: names.iter().map(|n| ShardEntry { name: n.to_string(), digest: digest.clone() }).collect(),
+        }
+    }
+
+    #[test]
+    fn shard_names_with_separators_or_dot_dot_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(MANIFEST_FILE);
+        for bad in ["/etc/passwd", "../x.tar", "a/b.tar", "..", "x..tar", "", "a\\b.tar"] {
+            let text = serde_json::to_string(&manifest_with(&["train-000000.tar", bad])).expect("json");
+            std::fs::write(&path, text).expect("write");
+            match Manifest::load(dir.path()) {
+                Err(ManifestError::ShardName { name, .. }) => assert_eq!(name, bad),
+                other => panic!("{bad:?} accepted: {other:?}"),
+            }
+        }
+        let text = serde_json::to_string(&manifest_with(&["train-000000.tar", "train-000001.tar"])).expect("json");
+        std::fs::write(&path, text).expect("write");
+        assert_eq!(Manifest::load(dir.path()).expect("plain names load").shards.len(), 2);
     }
 }

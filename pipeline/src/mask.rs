@@ -52,8 +52,23 @@ impl MaskConfig {
                 self.num_patches()
             )));
         }
-        if self.min_aspect <= 0.0 || self.max_aspect.is_some_and(|a| a < self.min_aspect) {
-            return Err(MaskConfigError("aspect range is empty or not positive".into()));
+        if self.max_num_patches == Some(0) {
+            return Err(MaskConfigError("mask.max_num_patches must be at least 1 (0 can never mask a patch)".into()));
+        }
+        // `!(x > 0)` also catches NaN, which compares false with everything.
+        if !(self.min_aspect.is_finite() && self.min_aspect > 0.0) {
+            return Err(MaskConfigError(format!(
+                "mask.min_aspect {} must be a finite number above 0",
+                self.min_aspect
+            )));
+        }
+        if let Some(a) = self.max_aspect
+            && !(a.is_finite() && a >= self.min_aspect)
+        {
+            return Err(MaskConfigError(format!(
+                "mask.max_aspect {a} must be a finite number at least mask.min_aspect {}",
+                self.min_aspect
+            )));
         }
         // A square block of the minimum area must fit strictly inside the grid, or nearly every
         // draw fails and the loop crawls (spec §7 B).
@@ -86,8 +101,25 @@ pub(crate) fn uniform(rng: &mut impl Rng, a: f64, b: f64) -> f64 {
     a + (b - a) * rng.random::<f64>()
 }
 
-/// Draws a mask (spec §1.1). `cfg` must have passed [`MaskConfig::validate`].
-pub fn generate(cfg: &MaskConfig, rng: &mut impl Rng) -> PatchMask {
+/// Rounds of 10 block draws in a row that may add no patch before [`generate`] gives up. A
+/// valid configuration needs a handful at most (the default config's worst case over 10^5 masks
+/// is far below this); an unworkable one would otherwise loop for ever.
+pub const MAX_FRUITLESS_ROUNDS: usize = 10_000;
+
+/// The mask generator could not place the patches it must (a configuration that validation let
+/// through but no draw can satisfy).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("mask generator gave up: {placed} of {wanted} patches placed after {rounds} rounds without progress")]
+pub struct MaskGenError {
+    pub placed: usize,
+    pub wanted: usize,
+    pub rounds: usize,
+}
+
+/// Draws a mask (spec §1.1). `cfg` should have passed [`MaskConfig::validate`]; if no block can
+/// be placed for [`MAX_FRUITLESS_ROUNDS`] rounds in a row, gives up with an error instead of
+/// looping for ever. The random stream is the reference's, so successful draws are unchanged.
+pub fn generate(cfg: &MaskConfig, rng: &mut impl Rng) -> Result<PatchMask, MaskGenError> {
     let g = cfg.grid;
     let n = cfg.num_masked;
     let max_patches = cfg.max_num_patches.unwrap_or(n);
@@ -95,7 +127,11 @@ pub fn generate(cfg: &MaskConfig, rng: &mut impl Rng) -> PatchMask {
     let hi = cfg.max_aspect.unwrap_or(1.0 / cfg.min_aspect).ln();
     let mut mask = vec![false; g * g];
     let mut count = 0usize;
+    let mut fruitless = 0usize;
     while count != n {
+        if fruitless >= MAX_FRUITLESS_ROUNDS {
+            return Err(MaskGenError { placed: count, wanted: n, rounds: fruitless });
+        }
         let cap = (n - count).min(max_patches);
         let mut delta = 0usize;
         for _attempt in 0..10 {
@@ -129,13 +165,14 @@ pub fn generate(cfg: &MaskConfig, rng: &mut impl Rng) -> PatchMask {
             }
         }
         count += delta;
+        fruitless = if delta == 0 { fruitless + 1 } else { 0 };
     }
     let mut masked = Vec::with_capacity(n);
     let mut visible = Vec::with_capacity(g * g - n);
     for (i, &m) in mask.iter().enumerate() {
         if m { masked.push(i as u32) } else { visible.push(i as u32) }
     }
-    PatchMask { masked, visible }
+    Ok(PatchMask { masked, visible })
 }
 
 #[cfg(test)]
@@ -161,7 +198,7 @@ mod tests {
         let mut freq = vec![0u32; 196];
         let draws = 2000;
         for _ in 0..draws {
-            let m = generate(&cfg, &mut rng);
+            let m = generate(&cfg, &mut rng).unwrap();
             assert_eq!(m.masked.len(), 75);
             assert_eq!(m.visible.len(), 121);
             assert!(m.masked.windows(2).all(|w| w[0] < w[1]));
@@ -193,7 +230,7 @@ mod tests {
         let cfg = MaskConfig::default();
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         for _ in 0..200 {
-            let m = generate(&cfg, &mut rng);
+            let m = generate(&cfg, &mut rng).unwrap();
             let g = grid_of(&m, 14);
             let mut best = 0;
             for t in 0..14 {
@@ -220,11 +257,11 @@ mod tests {
         micro.validate().unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         for _ in 0..500 {
-            assert_eq!(generate(&micro, &mut rng).masked.len(), 6);
+            assert_eq!(generate(&micro, &mut rng).unwrap().masked.len(), 6);
         }
         let authors = MaskConfig { num_masked: 98, ..Default::default() };
         for _ in 0..200 {
-            assert_eq!(generate(&authors, &mut rng).masked.len(), 98);
+            assert_eq!(generate(&authors, &mut rng).unwrap().masked.len(), 98);
         }
     }
 
@@ -234,6 +271,33 @@ mod tests {
         assert!(spin.validate().is_err(), "spec §7 B: min 16 never fits a 4x4 grid");
         assert!(MaskConfig { num_masked: 196, ..Default::default() }.validate().is_err());
         assert!(MaskConfig { num_masked: 0, ..Default::default() }.validate().is_err());
+    }
+
+    /// Regression: these values passed validation (or skipped it) and made `generate` spin for
+    /// ever. Each is now a config error naming its key, and the generator itself gives up.
+    #[test]
+    fn values_that_looped_for_ever_are_config_errors_and_the_generator_gives_up() {
+        let cases: [(MaskConfig, &str); 6] = [
+            (MaskConfig { max_num_patches: Some(0), ..Default::default() }, "mask.max_num_patches"),
+            (MaskConfig { min_aspect: f64::NAN, ..Default::default() }, "mask.min_aspect"),
+            (MaskConfig { min_aspect: f64::INFINITY, ..Default::default() }, "mask.min_aspect"),
+            (MaskConfig { min_aspect: -0.3, ..Default::default() }, "mask.min_aspect"),
+            (MaskConfig { max_aspect: Some(f64::NAN), ..Default::default() }, "mask.max_aspect"),
+            (MaskConfig { max_aspect: Some(0.1), ..Default::default() }, "mask.max_aspect"),
+        ];
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        for (cfg, key) in cases {
+            let e = cfg.validate().expect_err(key);
+            assert!(e.to_string().contains(key), "{e}");
+        }
+        // Unvalidated, the two that spun before: an error after bounded work, not a hang.
+        for cfg in [
+            MaskConfig { max_num_patches: Some(0), ..Default::default() },
+            MaskConfig { min_aspect: f64::NAN, ..Default::default() },
+        ] {
+            let e = generate(&cfg, &mut rng).expect_err("must give up");
+            assert_eq!((e.placed, e.wanted, e.rounds), (0, 75, MAX_FRUITLESS_ROUNDS));
+        }
     }
 
     #[test]

@@ -11,8 +11,8 @@ pub const BYTES_READ: &str = "cae_pipeline_bytes_read_total";
 /// Shards opened / failed.
 pub const SHARDS_OPENED: &str = "cae_pipeline_shards_opened_total";
 pub const SHARDS_FAILED: &str = "cae_pipeline_shards_failed_total";
-/// Bad samples, label `kind`: decode, missing_image, missing_class, bad_class, format, augment,
-/// panic (a bug caught in a worker); shard-level tar errors count as `tar`.
+/// Bad samples, label `kind`: decode, too_large, missing_image, missing_class, bad_class, format,
+/// augment, mask, panic (a bug caught in a worker); shard-level tar errors count as `tar`.
 pub const ERRORS: &str = "cae_pipeline_errors_total";
 /// HTTP retries.
 pub const HTTP_RETRIES: &str = "cae_pipeline_http_retries_total";

@@ -21,12 +21,17 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
+
+mod cap;
+use cap::{MemberCap, SkipLog};
 use webdataset::shard::compress::Compression;
 use webdataset::shard::{RawEntry, TarEntries};
 use webdataset::{Sample, TarWriter, Value};
 
-/// Extension of the image member.
+/// Extension of the image member the sharder writes.
 pub const IMAGE_EXT: &str = "jpg";
+/// Image member extensions the loader reads, in order of preference (the first found is used).
+pub const IMAGE_EXTS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 /// Extension of the class-index member (decimal text).
 pub const CLASS_EXT: &str = "cls";
 /// Extension of the per-sample metadata member (JSON).
@@ -48,6 +53,9 @@ pub enum WdsError {
     /// One sample has the same extension twice.
     #[error("sample {key:?} has the extension {ext:?} twice")]
     DuplicateExtension { key: String, ext: String },
+    /// A member is larger than the reader's cap: it was skipped without being read into memory.
+    #[error("sample {key:?}: member .{ext} is {size} bytes, over the {max}-byte cap; skipped")]
+    MemberTooLarge { key: String, ext: String, size: u64, max: u64 },
     /// Writing failed.
     #[error("writing shard: {0}")]
     Write(String),
@@ -92,6 +100,11 @@ impl ShardSample {
         Some(self.fields.swap_remove(i).1)
     }
 
+    /// The image member: the first of [`IMAGE_EXTS`] the sample has, with its extension.
+    pub fn image(&self) -> Option<(&'static str, &[u8])> {
+        IMAGE_EXTS.iter().find_map(|&ext| self.get(ext).map(|b| (ext, b)))
+    }
+
     /// The `.cls` member parsed as a class index.
     pub fn class(&self) -> Option<Result<i64, String>> {
         let raw = self.get(CLASS_EXT)?;
@@ -107,8 +120,11 @@ impl ShardSample {
 ///
 /// Yields `Err` for a broken sample (and continues) or for broken tar structure (and stops).
 pub struct SampleReader<R: Read> {
-    entries: TarEntries<R>,
-    pending: Option<RawEntry>,
+    entries: TarEntries<MemberCap<R>>,
+    /// Per regular member: skipped for its size or not (see [`cap`]).
+    skipped: SkipLog,
+    max_member: u64,
+    pending: Option<(RawEntry, Option<u64>)>,
     /// A tar error met while looking for more members of the previous sample; yielded next.
     pending_error: Option<WdsError>,
     samples: u64,
@@ -117,7 +133,22 @@ pub struct SampleReader<R: Read> {
 
 impl<R: Read> SampleReader<R> {
     pub fn new(reader: R) -> Self {
-        Self { entries: TarEntries::new(reader), pending: None, pending_error: None, samples: 0, done: false }
+        Self::with_max_member(reader, u64::MAX)
+    }
+
+    /// A reader that skips members larger than `max_member` bytes without reading them into
+    /// memory; their sample comes out as [`WdsError::MemberTooLarge`].
+    pub fn with_max_member(reader: R, max_member: u64) -> Self {
+        let skipped = SkipLog::default();
+        Self {
+            entries: TarEntries::new(MemberCap::new(reader, max_member, skipped.clone())),
+            skipped,
+            max_member,
+            pending: None,
+            pending_error: None,
+            samples: 0,
+            done: false,
+        }
     }
 
     /// Samples yielded so far (good or bad): the position to resume from.
@@ -125,7 +156,8 @@ impl<R: Read> SampleReader<R> {
         self.samples
     }
 
-    fn next_entry(&mut self) -> Option<Result<RawEntry, WdsError>> {
+    /// The next member, with its size when it was skipped for being too large.
+    fn next_entry(&mut self) -> Option<Result<(RawEntry, Option<u64>), WdsError>> {
         if let Some(e) = self.pending.take() {
             return Some(Ok(e));
         }
@@ -139,7 +171,10 @@ impl<R: Read> SampleReader<R> {
             }
         };
         match next {
-            Ok(e) => Some(Ok(e)),
+            Ok(e) => {
+                let skipped = self.skipped.lock().ok().and_then(|mut log| log.pop_front()).flatten();
+                Some(Ok((e, skipped)))
+            }
             Err(e) => {
                 self.done = true;
                 Some(Err(WdsError::Tar { after_sample: self.samples, message: e.to_string() }))
@@ -158,7 +193,7 @@ impl<R: Read> Iterator for SampleReader<R> {
         if self.done {
             return None;
         }
-        let first = match self.next_entry()? {
+        let (first, first_skipped) = match self.next_entry()? {
             Ok(e) => e,
             Err(e) => return Some(Err(e)),
         };
@@ -167,7 +202,9 @@ impl<R: Read> Iterator for SampleReader<R> {
             return Some(Err(WdsError::NoExtension { name: first.name }));
         };
         let key = key.to_string();
-        let mut sample = ShardSample { key, fields: vec![(ext.to_string(), first.data)] };
+        let mut too_large: Option<(String, u64)> = first_skipped.map(|size| (ext.to_string(), size));
+        let fields = if too_large.is_some() { vec![] } else { vec![(ext.to_string(), first.data)] };
+        let mut sample = ShardSample { key, fields };
         let mut duplicate: Option<String> = None;
         loop {
             match self.next_entry() {
@@ -181,16 +218,18 @@ impl<R: Read> Iterator for SampleReader<R> {
                     self.pending_error = Some(e);
                     break;
                 }
-                Some(Ok(entry)) => match split_member_name(&entry.name) {
+                Some(Ok((entry, skipped))) => match split_member_name(&entry.name) {
                     Some((k, ext)) if k == sample.key => {
-                        if sample.fields.iter().any(|(e, _)| e == ext) {
+                        if let Some(size) = skipped {
+                            too_large.get_or_insert_with(|| (ext.to_string(), size));
+                        } else if sample.fields.iter().any(|(e, _)| e == ext) {
                             duplicate.get_or_insert_with(|| ext.to_string());
                         } else {
                             sample.fields.push((ext.to_string(), entry.data));
                         }
                     }
                     _ => {
-                        self.pending = Some(entry);
+                        self.pending = Some((entry, skipped));
                         break;
                     }
                 },
@@ -199,6 +238,9 @@ impl<R: Read> Iterator for SampleReader<R> {
         self.samples += 1;
         if let Some(ext) = duplicate {
             return Some(Err(WdsError::DuplicateExtension { key: sample.key, ext }));
+        }
+        if let Some((ext, size)) = too_large {
+            return Some(Err(WdsError::MemberTooLarge { key: sample.key, ext, size, max: self.max_member }));
         }
         Some(Ok(sample))
     }
@@ -464,6 +506,47 @@ mod tests {
             }
             other => panic!("expected a tar error, got {other:?}"),
         }
+    }
+
+    /// Members over the cap are skipped while streaming (the sample is an error naming them),
+    /// the samples around them read normally, and the skipped bytes never sit in memory whole.
+    #[test]
+    fn members_over_the_cap_are_skipped_and_reading_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.tar");
+        let big = vec![7u8; 5000];
+        write_shard(
+            &path,
+            &[
+                ("a", vec![("jpg", vec![1; 600]), ("cls", b"0".to_vec())]),
+                ("b", vec![("jpg", big.clone()), ("cls", b"1".to_vec())]),
+                ("c", vec![("cls", b"2".to_vec()), ("json", big)]),
+                ("d", vec![("jpg", vec![4; 1000]), ("cls", b"3".to_vec())]),
+            ],
+        );
+        let reader = SampleReader::with_max_member(File::open(&path).unwrap(), 1024);
+        let out: Vec<_> = reader.collect();
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[0].as_ref().unwrap().get("jpg").map(<[u8]>::len), Some(600));
+        match &out[1] {
+            Err(WdsError::MemberTooLarge { key, ext, size, max }) => {
+                assert_eq!((key.as_str(), ext.as_str(), *size, *max), ("b", "jpg", 5000, 1024))
+            }
+            other => panic!("expected b's jpg to be too large, got {other:?}"),
+        }
+        assert!(matches!(&out[2], Err(WdsError::MemberTooLarge { key, ext, .. }) if key == "c" && ext == "json"));
+        let d = out[3].as_ref().unwrap();
+        assert_eq!((d.key.as_str(), d.class()), ("d", Some(Ok(3))));
+        assert_eq!(d.get("jpg"), Some(&[4u8; 1000][..]));
+        // Without a cap the same shard reads whole.
+        let all: Vec<_> = SampleReader::new(File::open(&path).unwrap()).collect();
+        assert!(all.iter().all(|s| s.is_ok()));
+        // Truncated inside a skipped member: a tar error, not a clean end.
+        let bytes = std::fs::read(&path).unwrap();
+        // a.cls 0..1024, a.jpg ..2560, b.cls ..3584, b.jpg's header ..4096, then its payload.
+        let cut = &bytes[..4096 + 3000];
+        let out: Vec<_> = SampleReader::with_max_member(cut, 1024).collect();
+        assert!(out.iter().any(|r| matches!(r, Err(WdsError::Tar { .. }))), "{out:?}");
     }
 
     /// Mutation fuzzing of the shard reader (webdataset-rs's tar parser plus our grouping): bit

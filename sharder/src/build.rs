@@ -406,6 +406,13 @@ fn read_journal(path: &Path, plan: &str, out: &Path) -> Result<Vec<Done>, ShardE
                 if i == 0 {
                     return Err(resume_err("journal has no header".into()));
                 }
+                if let Err(reason) = cae_pipeline::manifest::check_shard_name(&shard.name) {
+                    return Err(resume_err(format!(
+                        "journal line {}: shard name {:?} refused: {reason}",
+                        i + 1,
+                        shard.name
+                    )));
+                }
                 // Keep a journaled shard only if the file is there, whole and unchanged.
                 let file = out.join(&shard.name);
                 match sha256_file(&file) {

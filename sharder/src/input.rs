@@ -1,6 +1,6 @@
 //! Listing the input: class folders (torchvision ImageFolder order) or a `path<TAB>class` list.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use cae_pipeline::wds::sanitize_key;
@@ -98,7 +98,9 @@ pub fn read_list(root: &Path, list: &Path, classes: Option<Vec<String>>) -> Resu
 
 fn assemble(entries: Vec<(String, PathBuf, Option<String>)>, classes: Vec<String>) -> InputListing {
     let index: HashMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
-    let mut used: HashMap<String, usize> = HashMap::new();
+    // Every key given so far, and per base key the next `_dupN` suffix to try.
+    let mut used: HashSet<String> = HashSet::new();
+    let mut next_dup: HashMap<String, usize> = HashMap::new();
     let mut files = Vec::with_capacity(entries.len());
     for (rel_path, path, class) in entries {
         let file_name = rel_path.rsplit('/').next().unwrap_or(&rel_path);
@@ -107,12 +109,22 @@ fn assemble(entries: Vec<(String, PathBuf, Option<String>)>, classes: Vec<String
         if key.is_empty() {
             key = "_".into();
         }
-        // Disambiguate collisions deterministically (input order is sorted).
-        let n = used.entry(key.clone()).or_insert(0);
-        *n += 1;
-        if *n > 1 {
-            key = format!("{key}_dup{}", *n - 1);
+        // Disambiguate collisions deterministically (input order is sorted). A generated
+        // `x_dup1` may itself be the stem of another file (`a/x_dup1.JPEG`): try suffixes until
+        // the key is one no earlier file has, whichever way it got it.
+        if used.contains(&key) {
+            let n = next_dup.entry(key.clone()).or_insert(1);
+            let base = key;
+            loop {
+                let candidate = format!("{base}_dup{n}");
+                *n += 1;
+                if !used.contains(&candidate) {
+                    key = candidate;
+                    break;
+                }
+            }
         }
+        used.insert(key.clone());
         let class_index = class.as_deref().and_then(|c| index.get(c).copied());
         files.push(InputFile { rel_path, path, class, class_index, key });
     }
@@ -144,6 +156,30 @@ mod tests {
                 ("b/x.JPEG", "x_dup1", Some(1))
             ]
         );
+    }
+
+    /// Regression: `a/x.JPEG`, `a/x_dup1.JPEG`, `b/x.JPEG` gave two samples keyed `x_dup1`.
+    #[test]
+    fn generated_dup_keys_never_collide_with_real_stems() {
+        let d = tempfile::tempdir().unwrap();
+        let rels = ["a/x.JPEG", "a/x_dup1.JPEG", "b/x.JPEG", "b/x_dup1.JPEG", "c/x.JPEG", "c/x.png", "c/x_dup2.JPEG"];
+        for rel in rels {
+            let p = d.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "1").unwrap();
+        }
+        let l = walk_class_folders(d.path()).unwrap();
+        assert_eq!(l.files.len(), rels.len());
+        let keys: HashSet<&str> = l.files.iter().map(|f| f.key.as_str()).collect();
+        assert_eq!(keys.len(), rels.len(), "keys collide: {:?}", l.files.iter().map(|f| &f.key).collect::<Vec<_>>());
+        // The first three of the example: three distinct keys, the first two unchanged.
+        let key_of = |rel: &str| l.files.iter().find(|f| f.rel_path == rel).map(|f| f.key.clone()).unwrap();
+        assert_eq!(key_of("a/x.JPEG"), "x");
+        assert_eq!(key_of("a/x_dup1.JPEG"), "x_dup1");
+        assert_ne!(key_of("b/x.JPEG"), "x_dup1");
+        // Same input, same keys (the resume digest covers them).
+        let again = walk_class_folders(d.path()).unwrap();
+        assert_eq!(again.files, l.files);
     }
 
     #[test]

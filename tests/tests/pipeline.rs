@@ -260,7 +260,7 @@ fn a_dead_http_shard_is_skipped_and_counted() {
     let faults = HashMap::from([(names[1].clone(), Fault::Dead)]);
     let server = serve(dir.clone(), faults);
     let pattern = format!("http://{}/train-{{000000..{:06}}}.tar", server.addr, names.len() - 1);
-    let mut c = LoaderConfig { epochs: Some(1), ..cfg(1) };
+    let mut c = LoaderConfig { epochs: Some(1), max_failed_shards: Some(1), ..cfg(1) };
     c.http.retries = 2;
     c.http.backoff_ms = 10;
     let loader = Loader::new(c, source::expand(&pattern).unwrap(), LoaderState::default()).unwrap();
@@ -308,7 +308,8 @@ fn corrupt_shard_bytes_never_panic() {
         std::fs::write(bad_dir.join(format!("bad-{v:02}.tar")), bytes).unwrap();
     }
     let pattern = bad_dir.join("bad-{00..11}.tar");
-    let c = LoaderConfig { epochs: Some(1), max_bad_fraction: 1.0, batch_size: 2, ..cfg(2) };
+    let c =
+        LoaderConfig { epochs: Some(1), max_bad_fraction: 1.0, batch_size: 2, max_failed_shards: Some(100), ..cfg(2) };
     let loader = Loader::new(c, source::expand(pattern.to_str().unwrap()).unwrap(), LoaderState::default()).unwrap();
     let mut batches = 0;
     while let Some(b) = loader.next_blocking() {
@@ -348,7 +349,13 @@ fn bad_samples_are_skipped_and_too_many_is_fatal() {
     };
     let some_bad = tmp.path().join("some-bad.tar");
     write(&some_bad, 40, 10); // 8 bad of 40
-    let c = LoaderConfig { epochs: Some(1), max_bad_fraction: 0.5, batch_size: 4, ..cfg(2) };
+    let c = LoaderConfig {
+        epochs: Some(1),
+        max_bad_fraction: 0.5,
+        batch_size: 4,
+        labels: cae_pipeline::LabelPolicy::Required,
+        ..cfg(2)
+    };
     let batches = run_all(c, source::expand(some_bad.to_str().unwrap()).unwrap(), LoaderState::default());
     let keys: Vec<String> = batches.iter().flat_map(|(f, _)| f.keys.clone()).collect();
     assert_eq!(keys.len(), 32, "the 32 good samples arrive");
@@ -370,6 +377,114 @@ fn bad_samples_are_skipped_and_too_many_is_fatal() {
     assert!(matches!(fatal, Some(LoaderError::TooManyBad { .. })), "{fatal:?}");
 }
 
+/// Regression (issue 16): header-only 16384² JPEGs cost 805 MiB per worker; oversized members
+/// were read whole; unlabeled samples and `.png` members were rejected. Now the big ones are
+/// `too_large` (counted, skipped), and unlabeled and PNG samples train.
+#[test]
+fn huge_headers_and_members_are_skipped_while_unlabeled_and_png_samples_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shards(tmp.path());
+    let jpg = {
+        let f = std::fs::File::open(dir.join("train-000000.tar")).unwrap();
+        cae_pipeline::wds::SampleReader::new(f).next().unwrap().unwrap().get("jpg").unwrap().to_vec()
+    };
+    let mut bomb = jpg.clone();
+    let sof = bomb.windows(2).position(|m| m[0] == 0xFF && (0xC0..=0xC2).contains(&m[1])).expect("frame header");
+    bomb[sof + 5..sof + 9].copy_from_slice(&[0x40, 0x00, 0x40, 0x00]); // claims 16384 x 16384
+    let sos = bomb.windows(2).position(|m| m == [0xFF, 0xDA]).expect("scan header");
+    bomb.truncate(sos + 64); // headers only, like the 166-byte file of the issue
+    let png = {
+        let img = cae_pipeline::decode::decode_jpeg(&jpg, true).unwrap();
+        let rgb = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.pixels).unwrap();
+        let mut out = std::io::Cursor::new(Vec::new());
+        rgb.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    };
+    let path = tmp.path().join("mixed.tar");
+    let mut w = ShardWriter::create(&path).unwrap();
+    let big_member = vec![0u8; 300_000];
+    for i in 0..24 {
+        let key = format!("m{i:03}");
+        match i % 6 {
+            0 => w.write_sample(&key, &[("jpg", &bomb), ("cls", b"1")]).unwrap(),
+            1 => w.write_sample(&key, &[("jpg", &big_member), ("cls", b"1")]).unwrap(),
+            2 => w.write_sample(&key, &[("png", &png)]).unwrap(), // PNG, no label
+            3 => w.write_sample(&key, &[("jpeg", &jpg)]).unwrap(), // .jpeg, no label
+            _ => w.write_sample(&key, &[("jpg", &jpg), ("cls", b"2")]).unwrap(),
+        }
+    }
+    w.finish().unwrap();
+    let c = LoaderConfig { epochs: Some(1), max_bad_fraction: 0.5, max_member_bytes: 200_000, ..cfg(2) };
+    let loader = Loader::new(c, source::expand(path.to_str().unwrap()).unwrap(), LoaderState::default()).unwrap();
+    let mut got = Vec::new();
+    while let Some(b) = loader.next_blocking() {
+        let b = b.expect("no fatal error");
+        got.extend(b.keys.iter().cloned().zip(b.labels.iter().copied()));
+    }
+    let s = loader.stats();
+    assert_eq!(s.too_large.load(Ordering::Relaxed), 8, "4 pixel bombs + 4 oversized members");
+    assert_eq!(s.bad_samples.load(Ordering::Relaxed), 8);
+    assert_eq!(got.len(), 16, "every other sample arrives: {got:?}");
+    for (key, label) in &got {
+        let i: usize = key[1..].parse().unwrap();
+        assert!(i % 6 >= 2, "{key} should have been skipped");
+        assert_eq!(*label, if i % 6 < 4 { -1 } else { 2 }, "{key}");
+    }
+}
+
+/// Regression (issue 16): a mistyped brace range, a deleted shard or a shard cut exactly at a
+/// member boundary trained silently on a subset. Now a missing local shard is an error at start
+/// naming it, and a short shard (against the manifest) is a failed shard that stops the run.
+#[test]
+fn missing_and_short_local_shards_are_errors_not_silent_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shards(tmp.path());
+    let n = shard_names(&dir).len();
+    // A brace range one past the last shard.
+    let pattern = dir.join(format!("train-{{000000..{n:06}}}.tar"));
+    let err = Loader::new(cfg(1), source::expand(pattern.to_str().unwrap()).unwrap(), LoaderState::default()).err();
+    match err {
+        Some(LoaderError::MissingShards { missing }) => {
+            assert_eq!(missing, vec![dir.join(format!("train-{n:06}.tar")).to_string_lossy().into_owned()])
+        }
+        other => panic!("expected the missing shard named, got {other:?}"),
+    }
+    // A shard rewritten with two samples fewer: whole tar, but short against the manifest.
+    let (specs, _) = shard_specs(&dir);
+    let victim = dir.join("train-000001.tar");
+    let samples: Vec<_> =
+        cae_pipeline::wds::SampleReader::new(std::fs::File::open(&victim).unwrap()).map(|s| s.unwrap()).collect();
+    let mut w = ShardWriter::create(&victim).unwrap();
+    for smp in &samples[..samples.len() - 2] {
+        let refs: Vec<(&str, &[u8])> = smp.fields.iter().map(|(e, b)| (e.as_str(), b.as_slice())).collect();
+        w.write_sample(&smp.key, &refs).unwrap();
+    }
+    w.finish().unwrap();
+    let run = |c: LoaderConfig| {
+        let loader = Loader::new(c, specs.clone(), LoaderState::default()).expect("starts");
+        let mut fatal = None;
+        while let Some(b) = loader.next_blocking() {
+            if let Err(e) = b {
+                fatal = Some(e);
+                break;
+            }
+        }
+        (fatal, loader.stats().shards_failed.load(Ordering::Relaxed))
+    };
+    let (fatal, _) = run(LoaderConfig { epochs: Some(1), ..cfg(2) });
+    match fatal {
+        Some(LoaderError::ShardsFailed { failed, max: 0, last }) => {
+            assert_eq!(failed, vec![victim.to_string_lossy().into_owned()]);
+            assert!(last.contains("short shard") && last.contains(&format!("says {}", samples.len())), "{last}");
+        }
+        other => panic!("expected the short shard to stop the run, got {other:?}"),
+    }
+    // Tolerated when configured: counted, and the run completes.
+    let (fatal, failed) = run(LoaderConfig { epochs: Some(1), max_failed_shards: Some(1), ..cfg(2) });
+    assert!(fatal.is_none(), "{fatal:?}");
+    assert!(failed >= 1);
+}
+
 #[test]
 fn bad_configs_fail_at_start() {
     let spec = vec![ShardSpec { url: "x.tar".into(), samples: None }];
@@ -381,6 +496,19 @@ fn bad_configs_fail_at_start() {
     micro_bad.mask.num_masked = 6;
     micro_bad.augment.view_size = 64;
     assert!(err(micro_bad).is_some_and(|e| e.contains("min_num_patches")));
+    // Values that made the mask generator spin for ever, or the crop sampler draw from NaN.
+    let mut spin = cfg(1);
+    spin.mask.max_num_patches = Some(0);
+    assert!(err(spin).is_some_and(|e| e.contains("mask.max_num_patches")));
+    let mut nan_aspect = cfg(1);
+    nan_aspect.mask.min_aspect = f64::NAN;
+    assert!(err(nan_aspect).is_some_and(|e| e.contains("mask.min_aspect")));
+    let mut reversed = cfg(1);
+    reversed.augment.scale = (1.0, 0.08);
+    assert!(err(reversed).is_some_and(|e| e.contains("augment.scale")));
+    let mut nan_ratio = cfg(1);
+    nan_ratio.augment.ratio = (f64::NAN, 1.0);
+    assert!(err(nan_ratio).is_some_and(|e| e.contains("augment.ratio")));
 }
 
 #[test]

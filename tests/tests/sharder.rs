@@ -315,3 +315,37 @@ fn list_file_input_like_imagenet_val() {
     assert_eq!(r.rejected, 0);
     assert!(o.output.join("val-000000.tar").exists());
 }
+
+/// Regression: manifest (and journal) shard names were joined to the output folder unchecked, so
+/// `/etc/passwd` or `../x.tar` pointed outside it. Now every reader refuses them by name.
+#[test]
+fn manifest_and_journal_shard_names_outside_the_folder_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = fixtures(&tmp.path().join("in"), 2, 3);
+    let out = tmp.path().join("out");
+    build(&opts(&fx.train_dir, &out)).unwrap();
+    let manifest_path = out.join("manifest.json");
+    let original = std::fs::read_to_string(&manifest_path).unwrap();
+    for bad in ["/etc/passwd", "../outside.tar"] {
+        let mut m: serde_json::Value = serde_json::from_str(&original).unwrap();
+        m["shards"][0]["name"] = serde_json::Value::String(bad.into());
+        std::fs::write(&manifest_path, serde_json::to_string(&m).unwrap()).unwrap();
+        let e = verify(&out, false, false).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains(bad) && e.contains("refused"), "verify: {e:?}");
+        let e = cae_pipeline::source::expand(out.to_str().unwrap()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains(bad) && e.contains("refused"), "loader source: {e:?}");
+    }
+    // An interrupted run's journal naming a shard outside the folder: resume refuses it.
+    std::fs::remove_file(&manifest_path).unwrap();
+    let plan = std::fs::read_to_string(out.join(cae_sharder::build::PLAN_FILE)).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let mut shard = m["shards"][0].clone();
+    shard["name"] = serde_json::Value::String("../outside.tar".into());
+    let header = serde_json::json!({ "plan": plan.trim() });
+    let line = serde_json::json!({ "shard": shard, "next_input": 1, "converted": 0, "rejected": [] });
+    std::fs::write(out.join(cae_sharder::build::JOURNAL_FILE), format!("{header}\n{line}\n")).unwrap();
+    let mut r = opts(&fx.train_dir, &out);
+    r.resume = true;
+    let e = build(&r).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("../outside.tar") && e.contains("refused"), "resume: {e:?}");
+}

@@ -1,0 +1,313 @@
+//! The worker threads: decode, crop/flip/resize and mask one sample at a time (per-sample RNG).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::{
+    Bad, Done, Job, LabelPolicy, LoaderConfig, LoaderError, LoaderStats, Outcome, Processed, TOO_LARGE, Work, mix,
+};
+use crate::augment::{TwoViewParams, TwoViewResizer};
+use crate::batch::Batch;
+use crate::decode::{self, DecodeError, Format, RgbImage};
+use crate::mask;
+use crate::metrics as m;
+use crate::wds::{CLASS_EXT, IMAGE_EXTS};
+
+/// Decoded-image capacity a worker keeps between samples (about 21 MP of RGB, above any
+/// ImageNet image): after an outlier the buffer is released instead of staying that large for
+/// the rest of the run.
+const RETAINED_DECODE_BYTES: usize = 64 << 20;
+
+struct WorkerCtx {
+    img: RgbImage,
+    resizer: TwoViewResizer,
+    /// Capacity of `img.pixels` kept after a sample; more is released.
+    retain: usize,
+}
+
+impl WorkerCtx {
+    fn new(cfg: &LoaderConfig) -> Self {
+        Self { img: RgbImage::default(), resizer: TwoViewResizer::new(&cfg.augment), retain: RETAINED_DECODE_BYTES }
+    }
+
+    /// Shrinks the decode buffer back after an outlier.
+    fn release_outlier(&mut self) {
+        if self.img.pixels.capacity() > self.retain {
+            self.img.pixels = Vec::new();
+        }
+    }
+}
+
+pub(super) fn worker(
+    cfg: &LoaderConfig,
+    jobs: crossbeam_channel::Receiver<Work>,
+    done: crossbeam_channel::Sender<Done>,
+    recycle: crossbeam_channel::Receiver<(Vec<u8>, Vec<u8>)>,
+    stats: &LoaderStats,
+    stop: &AtomicBool,
+) {
+    let mut ctx = WorkerCtx::new(cfg);
+    loop {
+        // Poll the stop flag now and then: the reader may be stuck in a slow read at shutdown.
+        let work = match jobs.recv_timeout(std::time::Duration::from_millis(100)) {
+            Ok(w) => w,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) if !stop.load(Ordering::Relaxed) => continue,
+            Err(_) => return,
+        };
+        let out = match work {
+            Work::EndOfEpoch { epoch, total } => Done::EndOfEpoch { epoch, total },
+            Work::Sample(job) => {
+                let result = contain_panic(&job, || process(cfg, &job, &mut ctx, &recycle, stats));
+                if result.as_ref().is_err_and(|b| b.kind == PANIC_KIND) {
+                    // A panic may leave the reused buffers half-written: start them afresh.
+                    ctx = WorkerCtx::new(cfg);
+                }
+                ctx.release_outlier();
+                Done::Sample { epoch: job.epoch, seq: job.seq, result }
+            }
+        };
+        if done.send(out).is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the body of the reader or assembler thread. Should it panic (a bug), the consumer gets
+/// [`LoaderError::Panicked`] instead of a stream that ends as if the epochs were done. (After a
+/// reader panic the error may overtake the last good batches still in the workers: harmless, the
+/// consumer stops at the first error.)
+pub(super) fn report_panic(
+    thread: &'static str,
+    out: &async_channel::Sender<Result<Batch, LoaderError>>,
+    body: impl FnOnce(),
+) {
+    if let Err(what) = crate::guard::catch_panic(body) {
+        tracing::error!("the loader's {thread} thread panicked: {what}");
+        let _ = out.send_blocking(Err(LoaderError::Panicked { thread, what }));
+    }
+}
+
+/// Error kind of a sample whose processing panicked (a bug, in our code or a dependency's).
+const PANIC_KIND: &str = "panic";
+
+/// Runs a sample's processing so that a panic cannot take its worker down: the sample becomes a
+/// bad sample of kind [`PANIC_KIND`] (counted, logged with shard + key, skipped) and the run goes
+/// on. Without this, the lost sequence number would leave the assembler waiting for ever.
+fn contain_panic(job: &Job, f: impl FnOnce() -> Outcome) -> Outcome {
+    crate::guard::catch_panic(f).unwrap_or_else(|what| {
+        let key = job.sample.as_ref().map(|s| s.key.clone()).unwrap_or_else(|_| "?".into());
+        Err(Box::new(Bad {
+            kind: PANIC_KIND,
+            shard: job.shard_name.clone(),
+            key,
+            reason: format!("processing panicked (a bug, please report it with this sample): {what}"),
+        }))
+    })
+}
+
+fn process(
+    cfg: &LoaderConfig,
+    job: &Job,
+    ctx: &mut WorkerCtx,
+    recycle: &crossbeam_channel::Receiver<(Vec<u8>, Vec<u8>)>,
+    stats: &LoaderStats,
+) -> Outcome {
+    let bad = |kind: &'static str, key: &str, reason: String| {
+        Box::new(Bad { kind, shard: job.shard_name.clone(), key: key.to_string(), reason })
+    };
+    let sample = job.sample.as_ref().map_err(|(kind, e)| bad(kind, "?", e.clone()))?;
+    let label = match (sample.class(), cfg.labels) {
+        (None, LabelPolicy::Optional) => -1,
+        (None, LabelPolicy::Required) => {
+            return Err(bad("missing_class", &sample.key, format!("no .{CLASS_EXT} member (data.labels = required)")));
+        }
+        (Some(Err(e)), _) => return Err(bad("bad_class", &sample.key, e)),
+        (Some(Ok(c)), _) => c,
+    };
+    let (ext, image) = sample
+        .image()
+        .ok_or_else(|| bad("missing_image", &sample.key, format!("no image member (.{})", IMAGE_EXTS.join(", ."))))?;
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(&[cfg.seed, job.epoch, job.shard as u64, job.index, job.pass as u64]));
+    let max_pixels = usize::try_from(cfg.max_pixels).unwrap_or(usize::MAX);
+    let decode_err = |e: DecodeError| {
+        let kind = if matches!(e, DecodeError::TooLarge { .. }) { TOO_LARGE } else { "decode" };
+        bad(kind, &sample.key, e.to_string())
+    };
+    let mut params = None;
+    let t0 = Instant::now();
+    let full_height = if matches!(ext, "jpg" | "jpeg") {
+        // The crop box is drawn from the header's size, so decoding can stop below the box.
+        let (_, full_height) = decode::decode_jpeg_rows_capped(image, true, max_pixels, &mut ctx.img, |w, h| {
+            let p = TwoViewParams::draw(w, h, &cfg.augment, &mut rng);
+            let b = p.source_box(w);
+            params = Some(p);
+            b.top + b.height
+        })
+        .map_err(decode_err)?;
+        full_height
+    } else {
+        let format = if ext == "png" { Format::Png } else { Format::Webp };
+        decode::decode_other_into(image, format, max_pixels, &mut ctx.img).map_err(decode_err)?;
+        params = Some(TwoViewParams::draw(ctx.img.width, ctx.img.height, &cfg.augment, &mut rng));
+        ctx.img.height
+    };
+    let t1 = Instant::now();
+    let params = params.ok_or_else(|| bad("decode", &sample.key, "no crop box drawn".into()))?;
+    stats.decoded_rows.fetch_add(ctx.img.height as u64, Ordering::Relaxed);
+    stats.image_rows.fetch_add(full_height as u64, Ordering::Relaxed);
+    let (vs, ts) = (cfg.augment.view_size, cfg.augment.token_size);
+    let (mut view, mut token) = recycle.try_recv().unwrap_or_default();
+    view.resize(3 * vs * vs, 0);
+    token.resize(3 * ts * ts, 0);
+    ctx.resizer.apply(&ctx.img, &params, &mut view, &mut token).map_err(|e| bad("augment", &sample.key, e))?;
+    let pm = mask::generate(&cfg.mask, &mut rng).map_err(|e| bad("mask", &sample.key, e.to_string()))?;
+    let t2 = Instant::now();
+    let (dec, aug) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
+    stats.decode_ns.fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
+    stats.augment_ns.fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+    ::metrics::histogram!(m::DECODE_SECONDS).record(dec);
+    ::metrics::histogram!(m::AUGMENT_SECONDS).record(aug);
+    Ok(Box::new(Processed { view, token, masked: pm.masked, visible: pm.visible, label, key: sample.key.clone() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wds::ShardSample;
+
+    fn jpeg(w: u16, h: u16) -> Vec<u8> {
+        let px: Vec<u8> = (0..w as usize * h as usize * 3).map(|i| (i * 31 % 251) as u8).collect();
+        let mut out = Vec::new();
+        jpeg_encoder::Encoder::new(&mut out, 90).encode(&px, w, h, jpeg_encoder::ColorType::Rgb).expect("encode");
+        out
+    }
+
+    /// A small JPEG whose frame header claims `side` x `side` (the entropy data is a 16x16's).
+    pub(crate) fn header_claiming(side: u16) -> Vec<u8> {
+        let mut b = jpeg(16, 16);
+        let sof = b.windows(2).position(|m| m == [0xFF, 0xC0]).expect("SOF0");
+        b[sof + 5..sof + 7].copy_from_slice(&side.to_be_bytes());
+        b[sof + 7..sof + 9].copy_from_slice(&side.to_be_bytes());
+        b
+    }
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 9]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).expect("png");
+        out.into_inner()
+    }
+
+    fn run(cfg: &LoaderConfig, ctx: &mut WorkerCtx, fields: Vec<(&str, Vec<u8>)>) -> Outcome {
+        let fields = fields.into_iter().map(|(e, b)| (e.to_string(), b)).collect();
+        let job = Job {
+            epoch: 0,
+            seq: 0,
+            shard: 0,
+            index: 0,
+            pass: 0,
+            shard_name: "s.tar".into(),
+            sample: Ok(ShardSample { key: "k".into(), fields }),
+        };
+        let (_tx, recycle) = crossbeam_channel::bounded(1);
+        let out = process(cfg, &job, ctx, &recycle, &LoaderStats::default());
+        ctx.release_outlier();
+        out
+    }
+
+    /// Regression: a 166-byte JPEG whose header claims 16384x16384 made each worker allocate and
+    /// zero 805 MiB, kept for the rest of the run. Now it is refused from the header as
+    /// `too_large` with nothing allocated, and a buffer grown by a big image is released after it.
+    #[test]
+    fn a_huge_header_is_too_large_and_the_decode_buffer_shrinks_back() {
+        let cfg = LoaderConfig::default();
+        let mut ctx = WorkerCtx::new(&cfg);
+        let bomb = header_claiming(16384);
+        assert!(bomb.len() < 4096, "a small file");
+        let out = run(&cfg, &mut ctx, vec![("jpg", bomb.clone()), ("cls", b"1".to_vec())]);
+        assert_eq!(out.err().map(|b| b.kind), Some(TOO_LARGE));
+        assert!(ctx.img.pixels.capacity() < 1 << 20, "allocated {} bytes", ctx.img.pixels.capacity());
+        // The cap is the config's: a lower one refuses an ordinary image the same way.
+        let small_cap = LoaderConfig { max_pixels: 300 * 200 - 1, ..LoaderConfig::default() };
+        let out = run(&small_cap, &mut ctx, vec![("jpg", jpeg(300, 200))]);
+        assert_eq!(out.err().map(|b| b.kind), Some(TOO_LARGE));
+        // An outlier under the cap decodes, then the worker gives the memory back.
+        ctx.retain = 100_000;
+        let ok = run(&cfg, &mut ctx, vec![("jpg", jpeg(400, 300))]).expect("decodes");
+        assert_eq!(ok.view.len(), 3 * 224 * 224);
+        assert!(ctx.img.pixels.capacity() <= 100_000, "kept {} bytes", ctx.img.pixels.capacity());
+        let ok = run(&cfg, &mut ctx, vec![("jpg", jpeg(100, 80))]).expect("decodes");
+        assert!(ctx.img.pixels.capacity() >= 100 * 3, "a small buffer is kept for reuse");
+        assert_eq!(ok.key, "k");
+    }
+
+    #[test]
+    fn png_webp_and_jpeg_members_and_optional_labels() {
+        let cfg = LoaderConfig::default();
+        let mut ctx = WorkerCtx::new(&cfg);
+        // No .cls: label -1 by default (pre-training), a bad sample when labels are required.
+        let p = run(&cfg, &mut ctx, vec![("png", png(120, 90))]).expect("png loads");
+        assert_eq!(p.label, -1);
+        let required = LoaderConfig { labels: LabelPolicy::Required, ..LoaderConfig::default() };
+        let out = run(&required, &mut ctx, vec![("png", png(120, 90))]);
+        assert_eq!(out.err().map(|b| b.kind), Some("missing_class"));
+        let j = run(&cfg, &mut ctx, vec![("jpeg", jpeg(64, 48)), ("cls", b"7".to_vec())]).expect(".jpeg loads");
+        assert_eq!(j.label, 7);
+        // `.jpg` comes first when a sample has several images.
+        let first = run(&cfg, &mut ctx, vec![("png", png(120, 90)), ("jpg", jpeg(64, 48))]).expect("loads");
+        let only_jpg = run(&cfg, &mut ctx, vec![("jpg", jpeg(64, 48))]).expect("loads");
+        assert!(first.view == only_jpg.view, "the .jpg member was not the one used");
+        // A PNG over the pixel cap is refused from its header too.
+        let tiny_cap = LoaderConfig { max_pixels: 1000, ..LoaderConfig::default() };
+        assert_eq!(run(&tiny_cap, &mut ctx, vec![("png", png(120, 90))]).err().map(|b| b.kind), Some(TOO_LARGE));
+        let broken = run(&cfg, &mut ctx, vec![("webp", b"RIFF\0\0\0\0WEBPjunk".to_vec())]);
+        assert_eq!(broken.err().map(|b| b.kind), Some("decode"));
+        let none = run(&cfg, &mut ctx, vec![("txt", b"hi".to_vec())]);
+        assert_eq!(none.err().map(|b| b.kind), Some("missing_image"));
+    }
+
+    #[test]
+    fn a_panic_while_processing_becomes_a_bad_sample() {
+        let job = Job {
+            epoch: 0,
+            seq: 5,
+            shard: 1,
+            index: 2,
+            pass: 0,
+            shard_name: "train-000001.tar".into(),
+            sample: Ok(ShardSample { key: "n01440764_10026".into(), fields: vec![] }),
+        };
+        let formatted = 7;
+        let bad = contain_panic(&job, || panic!("index out of bounds: {formatted}")).expect_err("a bad sample");
+        assert_eq!((bad.kind, &*bad.shard, bad.key.as_str()), (PANIC_KIND, "train-000001.tar", "n01440764_10026"));
+        assert!(bad.reason.contains("index out of bounds: 7"), "{}", bad.reason);
+        let bad = contain_panic(&job, || std::panic::panic_any(3u8)).expect_err("a bad sample");
+        assert!(bad.reason.contains("non-text panic payload"), "{}", bad.reason);
+        // No panic: the outcome passes through untouched.
+        let ok = contain_panic(&job, || {
+            Err(Box::new(Bad { kind: "decode", shard: "s".into(), key: "k".into(), reason: "r".into() }))
+        });
+        assert_eq!(ok.err().map(|b| b.kind), Some("decode"));
+    }
+
+    #[test]
+    fn a_panicking_loader_thread_reaches_the_consumer_as_an_error() {
+        let (tx, rx) = async_channel::bounded(1);
+        let t = std::thread::spawn(move || report_panic("reader", &tx, || panic!("shard index 9 of 4")));
+        match rx.recv_blocking() {
+            Ok(Err(LoaderError::Panicked { thread, what })) => {
+                assert_eq!((thread, what.as_str()), ("reader", "shard index 9 of 4"))
+            }
+            other => panic!("expected the panic as an error, got {:?}", other.map(|r| r.map(|b| b.index))),
+        }
+        t.join().expect("report_panic itself does not panic");
+        // A body that returns normally sends nothing.
+        let (tx, rx) = async_channel::bounded(1);
+        report_panic("assembler", &tx, || {});
+        drop(tx);
+        assert!(rx.recv_blocking().is_err(), "nothing sent");
+    }
+}
