@@ -25,7 +25,9 @@ fn child_trainer() {
     let Ok(json) = std::env::var(ARGS_ENV) else { return };
     let args: Vec<String> = serde_json::from_str(&json).expect("TRAINER_ARGS is a JSON array");
     if let Err(e) = cae_trainer::cli::main_from(args) {
-        panic!("trainer failed: {e:#}");
+        // As the `trainer` binary: the error, then its exit status (README "Exit status").
+        eprintln!("trainer failed: {e:#}");
+        std::process::exit(i32::from(cae_trainer::cli::exit_code(&e)));
     }
 }
 
@@ -238,7 +240,7 @@ fn metrics_endpoint_serves_the_named_series() {
     wait_for_steps(&run, 3, &mut child, Duration::from_secs(60));
     let body = scrape(port);
     signal(&child, "-TERM");
-    assert!(child.wait().unwrap().success());
+    assert_eq!(child.wait().unwrap().code(), Some(143), "stopped by SIGTERM after its checkpoint");
 
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     for name in [

@@ -10,7 +10,6 @@
 //! Every backend runs in f32 (master weights); `precision.dtype` selects the autocast type of
 //! the products ([`crate::amp`]).
 
-use anyhow::bail;
 use burn::tensor::backend::Backend;
 
 /// Where a command executes.
@@ -74,7 +73,7 @@ fn cuda<J: OnBackend>(job: J, index: usize) -> anyhow::Result<J::Output> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda<J: OnBackend>(_job: J, _index: usize) -> anyhow::Result<J::Output> {
-    bail!("this trainer was built without CUDA: cargo build --release -p cae-trainer --features cuda")
+    anyhow::bail!("this trainer was built without CUDA: cargo build --release -p cae-trainer --features cuda")
 }
 
 #[cfg(feature = "wgpu")]
@@ -90,7 +89,7 @@ fn wgpu<J: OnBackend>(job: J, adapter: WgpuAdapter) -> anyhow::Result<J::Output>
 
 #[cfg(not(feature = "wgpu"))]
 fn wgpu<J: OnBackend>(_job: J, _adapter: WgpuAdapter) -> anyhow::Result<J::Output> {
-    bail!("this trainer was built without wgpu: cargo build --release -p cae-trainer --features wgpu")
+    anyhow::bail!("this trainer was built without wgpu: cargo build --release -p cae-trainer --features wgpu")
 }
 
 #[cfg(test)]
