@@ -9,18 +9,10 @@ use std::time::{Duration, Instant};
 use cae_trainer::checkpoint::{Checkpoint, locate};
 use cae_trainer::train::{STEP_LOG, read_step_log};
 
-const BIN: &str = env!("CARGO_BIN_EXE_trainer");
+mod common;
+use common::shards;
 
-fn shards(dir: &Path) -> PathBuf {
-    let spec = cae_tools::fixtures::FixtureSpec { classes: 2, per_class: 12, seed: 1, odd_files: false, max_side: 120 };
-    let fx = cae_tools::fixtures::generate(&dir.join("img"), &spec).unwrap();
-    let out = dir.join("shards");
-    let mut o = cae_sharder::BuildOptions::new(&fx.train_dir, &out);
-    o.shard_max_samples = 12;
-    o.workers = 1;
-    cae_sharder::build(&o).unwrap();
-    out
-}
+const BIN: &str = env!("CARGO_BIN_EXE_trainer");
 
 fn args(shards: &str, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [

@@ -5,8 +5,6 @@
 //! say so and pass, unless `CAE_REQUIRE_WGPU=1` (CI) makes that a failure.
 #![cfg(feature = "wgpu")]
 
-use std::path::{Path, PathBuf};
-
 use burn::backend::wgpu::WgpuDevice;
 use burn::backend::{Autodiff, Flex, Wgpu};
 use burn::tensor::backend::Backend;
@@ -14,6 +12,9 @@ use burn::tensor::{DType, Tensor, TensorData};
 use cae_trainer::config::RunConfig;
 use cae_trainer::gpu_check::{HostBatch, check_config, loss_of, reference_weights};
 use cae_trainer::train::{self, RunOptions, STEP_LOG, read_step_log};
+
+mod common;
+use common::shards;
 
 /// The software adapter, or `None` (after saying why) when there is no Vulkan driver.
 fn device() -> Option<WgpuDevice> {
@@ -33,17 +34,6 @@ fn device() -> Option<WgpuDevice> {
             None
         }
     }
-}
-
-fn shards(dir: &Path) -> PathBuf {
-    let spec = cae_tools::fixtures::FixtureSpec { classes: 2, per_class: 12, seed: 1, odd_files: false, max_side: 120 };
-    let fx = cae_tools::fixtures::generate(&dir.join("img"), &spec).unwrap();
-    let out = dir.join("shards");
-    let mut o = cae_sharder::BuildOptions::new(&fx.train_dir, &out);
-    o.shard_max_samples = 12;
-    o.workers = 1;
-    cae_sharder::build(&o).unwrap();
-    out
 }
 
 /// Same weights and batch on the CPU (burn-flex) and on wgpu: the micro preset's loss agrees

@@ -62,19 +62,27 @@ pub struct FeaturesArgs {
 pub struct KnnArgs {
     #[command(flatten)]
     pub encoder: EncoderArgs,
-    /// The labeled reference set (default: the built-in sample set, generated if missing).
+    #[command(flatten)]
+    pub sets: EvalSets,
+    #[arg(long, default_value_t = 20)]
+    pub k: usize,
+    #[arg(long, default_value_t = 0.07)]
+    pub temperature: f64,
+}
+
+/// The two sets of an evaluation and the output form (`eval knn`, `eval linear`).
+#[derive(Args, Debug)]
+pub struct EvalSets {
+    /// The labeled reference / training set (default: the built-in sample set, generated if
+    /// missing).
     #[arg(long)]
     pub train_shards: Option<String>,
-    /// The queries (default: the built-in validation set, generated if missing).
+    /// The queries / evaluation set (default: the built-in validation set, generated if missing).
     #[arg(long)]
     pub val_shards: Option<String>,
     /// Root of the built-in data (for the defaults above).
     #[arg(long, default_value = "data")]
     pub data_dir: PathBuf,
-    #[arg(long, default_value_t = 20)]
-    pub k: usize,
-    #[arg(long, default_value_t = 0.07)]
-    pub temperature: f64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -206,8 +214,9 @@ impl OnBackend for Knn<'_> {
 
 /// The train and val shard sources of an evaluation: the flags, or the built-in sets (made if
 /// missing).
-fn eval_sources(train: &Option<String>, val: &Option<String>, data_dir: &Path) -> anyhow::Result<(String, String)> {
-    let builtin = BuiltinData::under(data_dir);
+fn eval_sources(sets: &EvalSets) -> anyhow::Result<(String, String)> {
+    let (train, val) = (&sets.train_shards, &sets.val_shards);
+    let builtin = BuiltinData::under(&sets.data_dir);
     let mut say = |l: String| println!("{l}");
     let train_shards = match train {
         Some(s) => s.clone(),
@@ -225,15 +234,8 @@ fn eval_sources(train: &Option<String>, val: &Option<String>, data_dir: &Path) -
 pub struct LinearArgs {
     #[command(flatten)]
     pub encoder: EncoderArgs,
-    /// The labeled training set (default: the built-in sample set, generated if missing).
-    #[arg(long)]
-    pub train_shards: Option<String>,
-    /// The evaluation set (default: the built-in validation set, generated if missing).
-    #[arg(long)]
-    pub val_shards: Option<String>,
-    /// Root of the built-in data (for the defaults above).
-    #[arg(long, default_value = "data")]
-    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub sets: EvalSets,
     /// Which feature: `cls` (the cls token) or `mean` (mean of the patch tokens), both after the
     /// encoder's final LayerNorm.
     #[arg(long, default_value = "cls")]
@@ -244,9 +246,6 @@ pub struct LinearArgs {
     /// Seed of the classifier's batch order and held-out split.
     #[arg(long, default_value_t = 0)]
     pub probe_seed: u64,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// The probe on a backend (with autodiff).
@@ -280,7 +279,7 @@ pub(super) fn linear_command(a: &LinearArgs) -> anyhow::Result<()> {
     if a.feature != "cls" && a.feature != "mean" {
         super::usage!("--feature {:?}: expected cls or mean", a.feature);
     }
-    let (train_shards, val_shards) = eval_sources(&a.train_shards, &a.val_shards, &a.data_dir)?;
+    let (train_shards, val_shards) = eval_sources(&a.sets)?;
     let (feats, _model, what) = extract_features(&a.encoder, &[&train_shards, &val_shards])?;
     let (train, val) = (&feats[0], &feats[1]);
     let (t, v) = if a.feature == "cls" { (&train.cls, &val.cls) } else { (&train.mean, &val.mean) };
@@ -292,7 +291,7 @@ pub(super) fn linear_command(a: &LinearArgs) -> anyhow::Result<()> {
         seed: a.probe_seed,
     };
     let r = on_device(DeviceKind::parse(&a.encoder.device)?, job)?;
-    if a.json {
+    if a.sets.json {
         let mut j = serde_json::to_value(&r)?;
         j["feature"] = a.feature.clone().into();
         j["encoder"] = what.into();
@@ -317,7 +316,7 @@ pub(super) fn linear_command(a: &LinearArgs) -> anyhow::Result<()> {
 
 pub(super) fn knn_command(a: &KnnArgs) -> anyhow::Result<()> {
     super::init_tracing();
-    let (train_shards, val_shards) = eval_sources(&a.train_shards, &a.val_shards, &a.data_dir)?;
+    let (train_shards, val_shards) = eval_sources(&a.sets)?;
     let (feats, _model, what) = extract_features(&a.encoder, &[&train_shards, &val_shards])?;
     let (train, val) = (&feats[0], &feats[1]);
     let mut results = serde_json::Map::new();
@@ -330,7 +329,7 @@ pub(super) fn knn_command(a: &KnnArgs) -> anyhow::Result<()> {
             temperature: a.temperature,
         };
         let r = on_device(DeviceKind::parse(&a.encoder.device)?, job)?;
-        if !a.json {
+        if !a.sets.json {
             println!(
                 "k-NN ({name} features, k {}, T {}): top-1 {:.2}%  top-5 {:.2}%  ({} train, {} val, {} classes)",
                 r.k,
@@ -344,7 +343,7 @@ pub(super) fn knn_command(a: &KnnArgs) -> anyhow::Result<()> {
         }
         results.insert(name.to_string(), serde_json::to_value(&r)?);
     }
-    if a.json {
+    if a.sets.json {
         results.insert("encoder".into(), what.into());
         println!("{}", serde_json::Value::Object(results));
     }

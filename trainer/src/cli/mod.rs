@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 
 pub use bench::BenchArgs;
 pub use device::{DeviceKind, OnBackend, on_device};
-pub use eval::{EncoderArgs, FeaturesArgs, KnnArgs, LinearArgs};
+pub use eval::{EncoderArgs, EvalSets, FeaturesArgs, KnnArgs, LinearArgs};
 pub use export::ExportArgs;
 pub use gpu_check::GpuCheckArgs;
 pub use run::RunArgs;
