@@ -311,7 +311,6 @@ pub fn run_from<B: AutodiffBackend>(
         config,
         opts,
         saver,
-        model,
         optimizer,
         scaler,
         feeder,
@@ -322,7 +321,7 @@ pub fn run_from<B: AutodiffBackend>(
         loader_state,
         summary.clone(),
     );
-    summary = steps.run()?;
+    summary = steps.run(model)?;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }

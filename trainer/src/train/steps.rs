@@ -83,7 +83,6 @@ pub(super) struct StepLoop<'a, B: AutodiffBackend> {
     pub config: &'a RunConfig,
     pub opts: &'a RunOptions,
     pub saver: Saver<'a, B>,
-    pub model: Cae<B>,
     pub optimizer: CaeOptimizer<B, Cae<B>>,
     pub scaler: LossScaler,
     pub feeder: Feeder<B::InnerBackend>,
@@ -111,7 +110,6 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
         config: &'a RunConfig,
         opts: &'a RunOptions,
         saver: Saver<'a, B>,
-        model: Cae<B>,
         optimizer: CaeOptimizer<B, Cae<B>>,
         scaler: LossScaler,
         feeder: Feeder<B::InnerBackend>,
@@ -127,7 +125,6 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
             config,
             opts,
             saver,
-            model,
             optimizer,
             scaler,
             feeder,
@@ -148,7 +145,9 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
     }
 
     /// Runs steps until the schedule ends, the data ends or a stop signal; then the summary.
-    pub fn run(mut self) -> Result<RunSummary, CaeError> {
+    /// The loop owns `model` as a local: the optimizer then holds its parameters' only
+    /// references and can update them in place.
+    pub fn run(mut self, mut model: Cae<B>) -> Result<RunSummary, CaeError> {
         // A test hook, only in builds with feature `test-hooks`.
         let hang_after: Option<u64> =
             if cfg!(feature = "test-hooks") { std::env::var(HANG_ENV).ok().and_then(|v| v.parse().ok()) } else { None };
@@ -172,7 +171,7 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
                         break;
                     }
                     // A fatal data error: the last completed step is consistent; keep it.
-                    Err(e) => return Err(self.save_before_error(e)),
+                    Err(e) => return Err(self.save_before_error(e, &model)),
                 };
                 let targets = match batch.targets {
                     CaeTargets::Tokens(t) => CaeTargets::Tokens(Tensor::from_inner(t)),
@@ -183,12 +182,12 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
                     Tensor::from_inner(batch.visible),
                     Tensor::from_inner(batch.masked),
                 );
-                let out = crate::amp::autocast(dtype, || self.model.forward(x, vis, msk, &targets))?;
+                let out = crate::amp::autocast(dtype, || model.forward(x, vis, msk, &targets))?;
                 let mut scaled = if accum == 1 { out.loss.clone() } else { out.loss.clone() / accum as f64 };
                 if self.scaler.enabled {
                     scaled = scaled.mul_scalar(self.scaler.scale()); // f16 loss scaling (GradScaler)
                 }
-                let grads = GradientsParams::from_grads(scaled.backward(), &self.model);
+                let grads = GradientsParams::from_grads(scaled.backward(), &model);
                 let v = Tensor::cat(vec![out.loss.inner(), out.loss_main.inner(), out.loss_align.inner()], 0); // [3]
                 let v = if accum == 1 { v } else { v / accum as f64 };
                 losses = Some(match losses {
@@ -201,7 +200,7 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
                 if accum == 1 {
                     single = Some(grads);
                 } else {
-                    acc.accumulate(&self.model, grads);
+                    acc.accumulate(&model, grads);
                 }
             }
             let Some(losses) = losses else {
@@ -210,7 +209,7 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
             };
             let grads = single.unwrap_or_else(|| acc.grads());
             let lr = self.schedule.lr(self.step as usize);
-            let mut model = self.model.clone().update_teacher(); // spec §2.2: hard copy before the update
+            model = model.update_teacher(); // spec §2.2: hard copy before the update
             let loss_scale = self.scaler.scale();
             let (grads, norm) = self.optimizer.unscale_and_clip(&model, grads, loss_scale);
             let values = Tensor::cat(vec![losses, norm], 0); // [4]
@@ -223,12 +222,9 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
                 }
                 (Some(v), finite)
             } else {
-                (None, {
-                    model = self.optimizer.apply(lr, model, grads);
-                    true
-                })
+                model = self.optimizer.apply(lr, model, grads);
+                (None, true)
             };
-            self.model = model;
             self.step += 1;
             self.last_resume = step_resume;
             let step = self.step;
@@ -273,13 +269,13 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
             let checkpoint = stop || step == self.total || data_ended || (every > 0 && step.is_multiple_of(every));
             let log_step = step == start_step + 1 || step.is_multiple_of(self.config.log_every.max(1));
             if checkpoint {
-                let bad = self.flush(nonfinite_count(&self.model.valid()))?;
+                let bad = self.flush(nonfinite_count(&model.valid()))?;
                 if bad.is_some_and(|n| n != 0.0) {
                     self.pb.abandon();
                     return Err(CaeError::NonFinite { what: "weights", step, value: f64::NAN });
                 }
                 let loss = self.summary.last_loss;
-                let path = self.saver.save(step, self.last_resume, loss, &self.model, &self.optimizer, &self.scaler)?;
+                let path = self.saver.save(step, self.last_resume, loss, &model, &self.optimizer, &self.scaler)?;
                 self.checkpointed = step;
                 if stop || step == self.total || data_ended {
                     say(&self.pb, format!("checkpoint {}", path.display()));
@@ -321,17 +317,17 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
     /// Before a fatal data error ends the run: a checkpoint of the last completed step (its
     /// values checked finite first), unless one was written at that step. Returns the error to
     /// report (the data error, or the checkpoint's own failure after it).
-    fn save_before_error(&mut self, error: CaeError) -> CaeError {
+    fn save_before_error(&mut self, error: CaeError, model: &Cae<B>) -> CaeError {
         self.pb.abandon();
         if self.step == self.checkpointed {
             return error;
         }
-        let saved = self.flush(nonfinite_count(&self.model.valid())).and_then(|bad| {
+        let saved = self.flush(nonfinite_count(&model.valid())).and_then(|bad| {
             if bad.is_some_and(|n| n != 0.0) {
                 return Err(CaeError::NonFinite { what: "weights", step: self.step, value: f64::NAN });
             }
             let loss = self.summary.last_loss;
-            self.saver.save(self.step, self.last_resume, loss, &self.model, &self.optimizer, &self.scaler)
+            self.saver.save(self.step, self.last_resume, loss, model, &self.optimizer, &self.scaler)
         });
         match saved {
             Ok(path) => {
