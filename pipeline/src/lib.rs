@@ -12,9 +12,12 @@
 //! - [`augment`]: flip + one RandomResizedCrop box -> 224 bicubic and 112 Lanczos views (spec §1).
 //! - [`mask`]: the block-wise mask generator (spec §1.1).
 //! - [`batch`]: the `Batch` contract and normalisation; [`loader`]: the threads; [`metrics`]: names.
+//! - [`ordered_map`]: the bounded ordered parallel map the loader, the eval reader and the sharder
+//!   run on; [`bad_sample`]: how a bad sample is reported.
 //! - [`eval`]: every sample once, in order, resized + centre-cropped (the test transform), for features.
 
 pub mod augment;
+pub mod bad_sample;
 pub mod batch;
 pub mod decode;
 pub mod eval;
@@ -26,6 +29,7 @@ pub mod loader;
 pub mod manifest;
 pub mod mask;
 pub mod metrics;
+pub mod ordered_map;
 pub mod redact;
 pub mod source;
 pub mod wds;

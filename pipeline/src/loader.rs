@@ -1,11 +1,11 @@
 //! The loader: shards -> batches on a fixed pool of threads, with bounded memory and exact resume.
 //!
 //! ```text
-//!  reader thread                 worker threads (N)              assembler thread
-//!  epoch shard shuffle    jobs   decode (zune-jpeg)      done    reorder by sequence number,
-//!  rank split, tar read  -----> crop/flip/resize, mask  -----> skip bad samples, fill Batch,
-//!  shuffle buffer,     bounded  (per-sample RNG)       bounded  send (bounded async-channel,
-//!  sequence numbers                                             `prefetch` batches)
+//!  reader thread               ordered map: worker threads (N)     assembler thread
+//!  epoch shard order,   submit  decode (zune-jpeg)         recv     results in order,
+//!  rank split, tar read -------> crop/flip/resize, mask   -------> skip bad samples, fill Batch,
+//!  shuffle buffer       K permits (per-sample RNG)                  send (bounded async-channel,
+//!                                                                   `prefetch` batches)
 //! ```
 //!
 //! Determinism: the reader's output order depends only on (seed, epoch, rank) — shard order and
@@ -20,17 +20,31 @@
 //! of a longer list is left for later epochs. Without counts (plain paths or URLs, one rank), an
 //! epoch ends with the data and the last partial batch is dropped.
 //!
-//! Resume: [`LoaderState`] = (epoch, batches done in it, sequence numbers consumed). Restoring
-//! it replays that epoch's reader (tar parsing only, no decoding) up to the position, then goes
-//! on: the batches are exactly those an uninterrupted run would have produced next.
+//! Ranks: each epoch the shards are shuffled (seeded) and dealt greedily by sample count (each
+//! goes to the rank with the fewest samples so far), so ranks differ by at most one shard.
 //!
-//! Memory bound (approximately): `shuffle_buffer` x mean encoded sample size, plus
-//! `(prefetch + 2)` batches of `B x 3 x (S² + T²)` bytes, plus per worker one decoded image, plus
-//! `4 x workers` samples in flight.
+//! Resume: [`LoaderState`] = (epoch, batches done in it, stream outputs consumed) plus a
+//! fingerprint of what it refers to (shard names and counts, the data config): a state saved
+//! with other shards or another config is refused ([`LoaderError::ResumeMismatch`]); a state
+//! without one (older checkpoints) is accepted with a warning. With the manifest's counts the
+//! position is computed, not replayed: only the shards whose samples are still in the shuffle
+//! buffer, and the one being read, are read again — at most `shuffle_buffer /
+//! samples_per_shard + 2` per rank ([`reader`] and [`stream`]). Without counts (or when the
+//! byte cap shaped the order) the epoch's reading is replayed up to the position (tar parsing
+//! only). Either way the batches are exactly those an uninterrupted run would have produced.
+//!
+//! Memory bound: the shuffle buffer (`shuffle_buffer` samples and `shuffle_buffer_bytes`, only
+//! the image and `.cls` members kept; at an epoch boundary the next epoch's buffer fills while
+//! `K` samples of the ending one wait in reserve), plus `K = 2 x workers` samples in flight —
+//! submitted but not yet in a batch, decoded or not, whatever is slow (the ordered map's
+//! permits) — plus per worker one decoded image (shrunk back after an outlier), plus
+//! `(prefetch + 2)` batches of `B x 3 x (S² + T²)` bytes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
+
+use sha2::{Digest, Sha256};
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -38,15 +52,17 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::augment::AugmentConfig;
+use crate::bad_sample::BadSample;
 use crate::batch::{Batch, BufferPool};
 use crate::http::{HttpConfig, HttpFetcher};
 use crate::mask::MaskConfig;
 use crate::metrics as m;
+use crate::ordered_map::{self, MapConfig, MapCounters};
 use crate::source::ShardSpec;
 use crate::wds::ShardSample;
-use assemble::Assembler;
+use assemble::{Assembler, Progress};
 use reader::Reader;
-use worker::{report_panic, worker};
+use worker::{WorkerCtx, report_panic};
 
 /// Everything that shapes the batches (serde: part of the trainer's run config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,6 +75,9 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     /// Samples held by the shuffle buffer (encoded bytes, ~110 KB each for ImageNet).
     pub shuffle_buffer: usize,
+    /// Bytes held by the shuffle buffer at most (image and `.cls` members only); when more
+    /// would be held, samples leave early.
+    pub shuffle_buffer_bytes: u64,
     pub seed: u64,
     pub rank: usize,
     pub world_size: usize,
@@ -101,6 +120,7 @@ impl Default for LoaderConfig {
             workers: 0,
             prefetch: 4,
             shuffle_buffer: 1000,
+            shuffle_buffer_bytes: DEFAULT_SHUFFLE_BUFFER_BYTES,
             seed: 0,
             rank: 0,
             world_size: 1,
@@ -128,6 +148,9 @@ impl LoaderConfig {
     }
 }
 
+/// Default `shuffle_buffer_bytes`: 1 GiB (ImageNet's 1000 samples hold about 110 MB).
+pub const DEFAULT_SHUFFLE_BUFFER_BYTES: u64 = 1 << 30;
+
 /// Where the loader is: resumes exactly after the batch it was taken from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoaderState {
@@ -136,6 +159,14 @@ pub struct LoaderState {
     pub batch: u64,
     /// Shuffle-buffer outputs (samples, good or bad) already consumed in `epoch`.
     pub consumed: u64,
+    /// The shuffle buffer's byte cap shaped this epoch's order before this point: the position
+    /// cannot be computed from the counts and is replayed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replay: bool,
+    /// What the state refers to: [`data_fingerprint`] of the shard list, counts and data
+    /// config. `None` in states saved before it existed (accepted with a warning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<u64>,
 }
 
 /// Errors the loader reports (through the batch stream or at construction).
@@ -156,6 +187,13 @@ pub enum LoaderError {
     /// `max_failed_shards` allows: the run stops rather than train on a silent subset.
     #[error("{} shard(s) failed, more than max_failed_shards {max} (last: {last}): {}", failed.len(), list_some(failed))]
     ShardsFailed { failed: Vec<String>, max: u64, last: String },
+    /// The saved state refers to other shards or another data config.
+    #[error(
+        "the saved loader state does not fit this run: it was saved with another shard list, other sample counts \
+         or another data config (fingerprint {saved:016x}, this run {current:016x}); resume with the same shards \
+         and data settings, or start a new run"
+    )]
+    ResumeMismatch { saved: u64, current: u64 },
     #[error("the loader's {thread} thread panicked (a bug, please report it): {what}")]
     Panicked { thread: &'static str, what: String },
 }
@@ -170,12 +208,16 @@ pub struct LoaderStats {
     /// Bad samples of kind `too_large` (over `max_pixels` or `max_member_bytes`).
     pub too_large: AtomicU64,
     pub shards_failed: AtomicU64,
+    /// Shards opened (resuming opens only those still in the shuffle buffer).
+    pub shards_opened: AtomicU64,
     pub decode_ns: AtomicU64,
     pub augment_ns: AtomicU64,
     pub read_ns: AtomicU64,
     /// Image rows decoded (decoding stops below the crop box) and rows in those images.
     pub decoded_rows: AtomicU64,
     pub image_rows: AtomicU64,
+    /// The ordered map's counters (in flight, peaks); set when the loader starts.
+    pub map: std::sync::OnceLock<Arc<MapCounters>>,
 }
 
 /// A running loader. Dropping it stops its threads.
@@ -185,26 +227,27 @@ pub struct Loader {
     threads: Vec<JoinHandle<()>>,
     stats: Arc<LoaderStats>,
     batches_per_epoch: Option<u64>,
+    in_flight_bound: usize,
 }
 
 /// A sample on its way from the reader to a worker.
 struct Job {
     epoch: u64,
-    seq: u64,
     shard: u32,
     index: u64,
     pass: u32,
     shard_name: Arc<str>,
     /// The sample, or the error kind (`format`, `too_large`) and message of a broken one.
     sample: Result<ShardSample, (&'static str, String)>,
+    /// The shuffle buffer's byte cap had shaped the epoch's order when this sample left it.
+    capped: bool,
 }
 
 enum Work {
     Sample(Box<Job>),
-    /// Unknown-length epochs: `total` sequence numbers were issued for `epoch`.
+    /// Unknown-length epochs: every sample of `epoch` was submitted before this.
     EndOfEpoch {
         epoch: u64,
-        total: u64,
     },
 }
 
@@ -219,20 +262,12 @@ struct Processed {
     key: String,
 }
 
-#[derive(Debug)]
-struct Bad {
-    kind: &'static str,
-    shard: Arc<str>,
-    key: String,
-    reason: String,
-}
-
 /// What a worker made of a sample.
-type Outcome = Result<Box<Processed>, Box<Bad>>;
+type Outcome = Result<Box<Processed>, Box<BadSample>>;
 
 enum Done {
-    Sample { epoch: u64, seq: u64, result: Outcome },
-    EndOfEpoch { epoch: u64, total: u64 },
+    Sample { epoch: u64, capped: bool, result: Outcome },
+    EndOfEpoch { epoch: u64 },
 }
 
 /// The first names of a list, and how many more, for error messages.
@@ -263,11 +298,55 @@ const TOO_LARGE: &str = "too_large";
 const SHARD_SALT: u64 = 0x5AAD;
 const BUFFER_SALT: u64 = 0xB0FF;
 
-/// The shards of `rank` in `epoch`, in reading order.
-pub fn epoch_shards(num_shards: usize, seed: u64, epoch: u64, rank: usize, world_size: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..num_shards).collect();
+/// The shards of `rank` in `epoch`, in reading order: all shards shuffled with (seed, epoch),
+/// then dealt greedily by sample count — each to the rank with the fewest samples so far (the
+/// lowest rank on ties) — so that ranks differ by at most one shard's worth. Without counts
+/// (one rank only), round-robin.
+pub fn epoch_shards(shards: &[ShardSpec], seed: u64, epoch: u64, rank: usize, world_size: usize) -> Vec<usize> {
+    let world = world_size.max(1);
+    let mut order: Vec<usize> = (0..shards.len()).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(&[seed, epoch, SHARD_SALT])));
-    order.into_iter().skip(rank).step_by(world_size.max(1)).collect()
+    let Some(counts) = shards.iter().map(|s| s.samples).collect::<Option<Vec<u64>>>() else {
+        return order.into_iter().skip(rank).step_by(world).collect();
+    };
+    let mut loads = vec![0u64; world];
+    let mut mine = Vec::new();
+    for s in order {
+        let r = (0..world).min_by_key(|&r| (loads[r], r)).unwrap_or(0);
+        loads[r] += counts[s];
+        if r == rank {
+            mine.push(s);
+        }
+    }
+    mine
+}
+
+/// What a [`LoaderState`] refers to: a hash of the shard names and counts and of every setting
+/// that shapes the batches (not `workers`, `prefetch`, `epochs`, failure tolerances or HTTP
+/// settings, which can change between a run and its resume).
+pub fn data_fingerprint(cfg: &LoaderConfig, shards: &[ShardSpec]) -> u64 {
+    let mut h = Sha256::new();
+    let shaping = serde_json::json!({
+        "batch_size": cfg.batch_size,
+        "shuffle_buffer": cfg.shuffle_buffer,
+        "shuffle_buffer_bytes": cfg.shuffle_buffer_bytes,
+        "seed": cfg.seed,
+        "rank": cfg.rank,
+        "world_size": cfg.world_size,
+        "max_pixels": cfg.max_pixels,
+        "max_member_bytes": cfg.max_member_bytes,
+        "labels": cfg.labels,
+        "augment": cfg.augment,
+        "mask": cfg.mask,
+    });
+    h.update(shaping.to_string().as_bytes());
+    for s in shards {
+        h.update(s.name().as_bytes());
+        h.update([0]);
+        h.update(s.samples.map_or(u64::MAX, |n| n).to_le_bytes());
+    }
+    let d = h.finalize();
+    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
 }
 
 /// Batches per epoch on every rank, when every shard's sample count is known.
@@ -295,8 +374,8 @@ impl Loader {
         }
         cfg.mask.validate().map_err(|e| LoaderError::Config(e.to_string()))?;
         cfg.augment.validate().map_err(|e| LoaderError::Config(e.to_string()))?;
-        if cfg.max_pixels == 0 || cfg.max_member_bytes == 0 {
-            return bad("max_pixels and max_member_bytes must be at least 1".into());
+        if cfg.max_pixels == 0 || cfg.max_member_bytes == 0 || cfg.shuffle_buffer_bytes == 0 {
+            return bad("max_pixels, max_member_bytes and shuffle_buffer_bytes must be at least 1".into());
         }
         let patch = cfg.augment.view_size / cfg.mask.grid.max(1);
         if patch * cfg.mask.grid != cfg.augment.view_size {
@@ -323,6 +402,22 @@ impl Loader {
         if !missing.is_empty() {
             return Err(LoaderError::MissingShards { missing });
         }
+        let fingerprint = data_fingerprint(&cfg, &shards);
+        match start.fingerprint {
+            Some(saved) if saved != fingerprint => {
+                return Err(LoaderError::ResumeMismatch { saved, current: fingerprint });
+            }
+            None if start != LoaderState::default() => tracing::warn!(
+                "the saved loader state has no fingerprint (saved by an older version): it cannot be checked \
+                 against this run's shards and data config; resuming as if they were the same"
+            ),
+            _ => {}
+        }
+        if let Some(n) = per_epoch
+            && start.batch >= n
+        {
+            return bad(format!("the saved loader state is at batch {} of an epoch of {n} batches", start.batch));
+        }
         let max_failed_shards = cfg.max_failed_shards.unwrap_or(if shards.iter().any(ShardSpec::is_http) {
             shards.len() as u64 / 100
         } else {
@@ -335,63 +430,73 @@ impl Loader {
             None
         };
         let workers = cfg.worker_count();
-        let (job_tx, job_rx) = crossbeam_channel::bounded::<Work>(workers * 2);
-        let (done_tx, done_rx) = crossbeam_channel::bounded::<Done>(workers * 2);
-        let (recycle_tx, recycle_rx) = crossbeam_channel::bounded::<(Vec<u8>, Vec<u8>)>(workers * 4 + 8);
+        let bound = ordered_map::bound_for(workers);
+        let (recycle_tx, recycle_rx) = crossbeam_channel::bounded::<(Vec<u8>, Vec<u8>)>(bound + 8);
         let (tx, rx) = async_channel::bounded::<Result<Batch, LoaderError>>(cfg.prefetch.max(1));
         let stop = Arc::new(AtomicBool::new(false));
-        let epoch_done = Arc::new(AtomicU64::new(start.epoch));
+        let progress = Arc::new(Progress::new(start.epoch));
         let stats = Arc::new(LoaderStats::default());
         let cfg = Arc::new(cfg);
         let shards: Arc<[ShardSpec]> = shards.into();
         let mut threads = Vec::new();
+        let io = |e: std::io::Error| LoaderError::Io(e.to_string());
 
-        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new().name(name).spawn(f).map_err(|e| LoaderError::Io(e.to_string()))
+        let (submit, results) = {
+            let (c, st) = (cfg.clone(), stats.clone());
+            let map = MapConfig { workers, bound, name: "cae-worker".into() };
+            ordered_map::start_threads(
+                &map,
+                move || (WorkerCtx::new(&c), c.clone(), recycle_rx.clone(), st.clone()),
+                |(ctx, cfg, recycle, stats), work: &Work| worker::work(cfg, work, ctx, recycle, stats),
+                |work, what| match work {
+                    Work::Sample(job) => {
+                        let key = job.sample.as_ref().map_or_else(|_| "?".to_string(), |s| s.key.clone());
+                        let bad = BadSample::panicked(job.shard_name.clone(), key, &what);
+                        Done::Sample { epoch: job.epoch, capped: job.capped, result: Err(Box::new(bad)) }
+                    }
+                    Work::EndOfEpoch { epoch } => Done::EndOfEpoch { epoch: *epoch },
+                },
+                &mut threads,
+            )
+            .map_err(io)?
         };
+        let _ = stats.map.set(submit.counters().clone());
         {
             let reader = Reader {
                 cfg: cfg.clone(),
                 shards: shards.clone(),
                 http,
-                job_tx,
                 err_tx: tx.clone(),
                 stop: stop.clone(),
-                epoch_done: epoch_done.clone(),
+                progress: progress.clone(),
                 stats: stats.clone(),
-                known_length: per_epoch.is_some(),
+                per_epoch,
+                bound,
                 failed: Default::default(),
                 max_failed_shards,
             };
             // The reader may sit in a blocking read when the loader is dropped: not joined.
             let out = reader.err_tx.clone();
-            spawn("cae-reader".into(), Box::new(move || report_panic("reader", &out, || reader.run(start))))?;
+            let run = move || report_panic("reader", &out, || reader.run(submit, start));
+            std::thread::Builder::new().name("cae-reader".into()).spawn(run).map_err(io)?;
         }
-        for w in 0..workers {
-            let (cfg, job_rx, done_tx, recycle_rx, stats, stop) =
-                (cfg.clone(), job_rx.clone(), done_tx.clone(), recycle_rx.clone(), stats.clone(), stop.clone());
-            threads.push(spawn(
-                format!("cae-worker-{w}"),
-                Box::new(move || worker(&cfg, job_rx, done_tx, recycle_rx, &stats, &stop)),
-            )?);
-        }
-        drop(done_tx);
         {
             let asm = Assembler {
                 cfg: cfg.clone(),
                 pool: BufferPool::new(cfg.prefetch + 2),
                 recycle_tx,
                 tx,
-                epoch_done,
+                progress,
                 stop: stop.clone(),
                 stats: stats.clone(),
                 per_epoch,
+                fingerprint,
             };
             let out = asm.tx.clone();
-            let run = move || report_panic("assembler", &out, || asm.run(done_rx, start));
-            threads.push(spawn("cae-assembler".into(), Box::new(run))?);
+            let run = move || report_panic("assembler", &out, || asm.run(results, start));
+            threads.push(std::thread::Builder::new().name("cae-assembler".into()).spawn(run).map_err(io)?);
         }
-        Ok(Loader { rx, stop, threads, stats, batches_per_epoch: per_epoch })
+        Ok(Loader { rx, stop, threads, stats, batches_per_epoch: per_epoch, in_flight_bound: bound })
     }
 
     /// The next batch, blocking; `None` when the configured epochs are done.
@@ -421,6 +526,11 @@ impl Loader {
     pub fn stats(&self) -> &LoaderStats {
         &self.stats
     }
+
+    /// `K`: samples submitted to the workers and not yet in a batch, at most (`2 x workers`).
+    pub fn in_flight_bound(&self) -> usize {
+        self.in_flight_bound
+    }
 }
 
 impl Drop for Loader {
@@ -435,6 +545,7 @@ impl Drop for Loader {
 
 mod assemble;
 mod reader;
+mod stream;
 mod worker;
 
 pub(crate) use reader::open_shard;
@@ -443,15 +554,55 @@ pub(crate) use reader::open_shard;
 mod tests {
     use super::*;
 
+    fn specs(counts: &[Option<u64>]) -> Vec<ShardSpec> {
+        counts.iter().enumerate().map(|(i, &samples)| ShardSpec { url: format!("s{i}.tar"), samples }).collect()
+    }
+
     #[test]
     fn shard_split_covers_every_shard_once_per_epoch() {
-        for world in 1..5 {
-            let mut all: Vec<usize> = (0..world).flat_map(|r| epoch_shards(13, 7, 2, r, world)).collect();
-            all.sort();
-            assert_eq!(all, (0..13).collect::<Vec<_>>());
+        for shards in [specs(&[Some(10); 13]), specs(&[None; 13])] {
+            for world in 1..5 {
+                let mut all: Vec<usize> = (0..world).flat_map(|r| epoch_shards(&shards, 7, 2, r, world)).collect();
+                all.sort();
+                assert_eq!(all, (0..13).collect::<Vec<_>>());
+            }
+            assert_ne!(epoch_shards(&shards, 7, 0, 0, 1), epoch_shards(&shards, 7, 1, 0, 1), "epochs reshuffle");
+            assert_eq!(epoch_shards(&shards, 7, 1, 0, 1), epoch_shards(&shards, 7, 1, 0, 1));
         }
-        assert_ne!(epoch_shards(13, 7, 0, 0, 1), epoch_shards(13, 7, 1, 0, 1), "epochs reshuffle");
-        assert_eq!(epoch_shards(13, 7, 1, 0, 1), epoch_shards(13, 7, 1, 0, 1));
+    }
+
+    /// Regression: shards were dealt by count, so with uneven shards one rank could get far
+    /// more samples than another. Dealt greedily by samples, ranks differ by at most the
+    /// largest shard, in every epoch.
+    #[test]
+    fn ranks_split_by_sample_count_within_one_shard() {
+        let counts: Vec<Option<u64>> = (0..23u64).map(|i| Some(if i % 4 == 0 { 100 } else { 7 + i })).collect();
+        let shards = specs(&counts);
+        let largest = 100;
+        for world in [2usize, 3, 4] {
+            for epoch in 0..5 {
+                let loads: Vec<u64> = (0..world)
+                    .map(|r| epoch_shards(&shards, 3, epoch, r, world).iter().map(|&s| counts[s].unwrap()).sum())
+                    .collect();
+                let (lo, hi) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+                assert!(hi - lo <= largest, "world {world} epoch {epoch}: {loads:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_fingerprint_covers_shards_counts_and_shaping_settings_only() {
+        let shards = specs(&[Some(10), Some(12)]);
+        let cfg = LoaderConfig::default();
+        let f = data_fingerprint(&cfg, &shards);
+        assert_eq!(
+            f,
+            data_fingerprint(&LoaderConfig { workers: 3, prefetch: 9, epochs: Some(4), ..cfg.clone() }, &shards)
+        );
+        assert_ne!(f, data_fingerprint(&LoaderConfig { seed: 1, ..cfg.clone() }, &shards));
+        assert_ne!(f, data_fingerprint(&LoaderConfig { shuffle_buffer: 10, ..cfg.clone() }, &shards));
+        assert_ne!(f, data_fingerprint(&cfg, &specs(&[Some(10), Some(13)])));
+        assert_ne!(f, data_fingerprint(&cfg, &specs(&[Some(10)])));
     }
 
     #[test]

@@ -105,6 +105,13 @@ impl ShardSample {
         IMAGE_EXTS.iter().find_map(|&ext| self.get(ext).map(|b| (ext, b)))
     }
 
+    /// Drops every member but the image [`image`](Self::image) picks and `.cls`: what the
+    /// loader keeps of a sample (in its shuffle buffer) is only what it uses.
+    pub fn keep_image_and_class(&mut self) {
+        let image = self.image().map(|(ext, _)| ext);
+        self.fields.retain(|(ext, _)| Some(ext.as_str()) == image || ext == CLASS_EXT);
+    }
+
     /// The `.cls` member parsed as a class index.
     pub fn class(&self) -> Option<Result<i64, String>> {
         let raw = self.get(CLASS_EXT)?;

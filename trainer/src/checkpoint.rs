@@ -393,7 +393,7 @@ mod tests {
     fn header(step: u64) -> CheckpointHeader {
         CheckpointHeader {
             step,
-            loader: LoaderState { epoch: 1, batch: 2, consumed: 70 },
+            loader: LoaderState { epoch: 1, batch: 2, consumed: 70, ..LoaderState::default() },
             config: "preset = \"micro\"".into(),
             loss: Some(1.5),
             shards: Some("data/shards".into()),
@@ -418,7 +418,7 @@ mod tests {
         assert_eq!(run_dir_of(&latest).as_deref(), Some(run));
         let c = Checkpoint::read(&latest).unwrap();
         assert_eq!(c.header.step, 40);
-        assert_eq!(c.header.loader, LoaderState { epoch: 1, batch: 2, consumed: 70 });
+        assert_eq!(c.header.loader, LoaderState { epoch: 1, batch: 2, consumed: 70, ..LoaderState::default() });
         assert_eq!(c.section("a").unwrap(), &[1, 2, 3]);
         assert_eq!(c.section("b").unwrap(), &[40; 5]);
         assert!(c.section("c").is_err());

@@ -1,15 +1,14 @@
 //! The worker threads: decode, crop/flip/resize and mask one sample at a time (per-sample RNG).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{
-    Bad, Done, Job, LabelPolicy, LoaderConfig, LoaderError, LoaderStats, Outcome, Processed, TOO_LARGE, Work, mix,
-};
+use super::{Done, Job, LabelPolicy, LoaderConfig, LoaderError, LoaderStats, Outcome, Processed, TOO_LARGE, Work, mix};
 use crate::augment::{TwoViewParams, TwoViewResizer};
+use crate::bad_sample::BadSample;
 use crate::batch::Batch;
 use crate::decode::{self, DecodeError, Format, RgbImage};
 use crate::mask;
@@ -21,7 +20,7 @@ use crate::wds::{CLASS_EXT, IMAGE_EXTS};
 /// the rest of the run.
 const RETAINED_DECODE_BYTES: usize = 64 << 20;
 
-struct WorkerCtx {
+pub(super) struct WorkerCtx {
     img: RgbImage,
     resizer: TwoViewResizer,
     /// Capacity of `img.pixels` kept after a sample; more is released.
@@ -29,7 +28,7 @@ struct WorkerCtx {
 }
 
 impl WorkerCtx {
-    fn new(cfg: &LoaderConfig) -> Self {
+    pub(super) fn new(cfg: &LoaderConfig) -> Self {
         Self { img: RgbImage::default(), resizer: TwoViewResizer::new(&cfg.augment), retain: RETAINED_DECODE_BYTES }
     }
 
@@ -41,36 +40,20 @@ impl WorkerCtx {
     }
 }
 
-pub(super) fn worker(
+/// One item of the ordered map: a sample processed (or the end-of-epoch marker passed on).
+pub(super) fn work(
     cfg: &LoaderConfig,
-    jobs: crossbeam_channel::Receiver<Work>,
-    done: crossbeam_channel::Sender<Done>,
-    recycle: crossbeam_channel::Receiver<(Vec<u8>, Vec<u8>)>,
+    work: &Work,
+    ctx: &mut WorkerCtx,
+    recycle: &crossbeam_channel::Receiver<(Vec<u8>, Vec<u8>)>,
     stats: &LoaderStats,
-    stop: &AtomicBool,
-) {
-    let mut ctx = WorkerCtx::new(cfg);
-    loop {
-        // Poll the stop flag now and then: the reader may be stuck in a slow read at shutdown.
-        let work = match jobs.recv_timeout(std::time::Duration::from_millis(100)) {
-            Ok(w) => w,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) if !stop.load(Ordering::Relaxed) => continue,
-            Err(_) => return,
-        };
-        let out = match work {
-            Work::EndOfEpoch { epoch, total } => Done::EndOfEpoch { epoch, total },
-            Work::Sample(job) => {
-                let result = contain_panic(&job, || process(cfg, &job, &mut ctx, &recycle, stats));
-                if result.as_ref().is_err_and(|b| b.kind == PANIC_KIND) {
-                    // A panic may leave the reused buffers half-written: start them afresh.
-                    ctx = WorkerCtx::new(cfg);
-                }
-                ctx.release_outlier();
-                Done::Sample { epoch: job.epoch, seq: job.seq, result }
-            }
-        };
-        if done.send(out).is_err() {
-            return;
+) -> Done {
+    match work {
+        Work::EndOfEpoch { epoch } => Done::EndOfEpoch { epoch: *epoch },
+        Work::Sample(job) => {
+            let result = process(cfg, job, ctx, recycle, stats);
+            ctx.release_outlier();
+            Done::Sample { epoch: job.epoch, capped: job.capped, result }
         }
     }
 }
@@ -90,24 +73,6 @@ pub(super) fn report_panic(
     }
 }
 
-/// Error kind of a sample whose processing panicked (a bug, in our code or a dependency's).
-const PANIC_KIND: &str = "panic";
-
-/// Runs a sample's processing so that a panic cannot take its worker down: the sample becomes a
-/// bad sample of kind [`PANIC_KIND`] (counted, logged with shard + key, skipped) and the run goes
-/// on. Without this, the lost sequence number would leave the assembler waiting for ever.
-fn contain_panic(job: &Job, f: impl FnOnce() -> Outcome) -> Outcome {
-    crate::guard::catch_panic(f).unwrap_or_else(|what| {
-        let key = job.sample.as_ref().map(|s| s.key.clone()).unwrap_or_else(|_| "?".into());
-        Err(Box::new(Bad {
-            kind: PANIC_KIND,
-            shard: job.shard_name.clone(),
-            key,
-            reason: format!("processing panicked (a bug, please report it with this sample): {what}"),
-        }))
-    })
-}
-
 fn process(
     cfg: &LoaderConfig,
     job: &Job,
@@ -116,7 +81,7 @@ fn process(
     stats: &LoaderStats,
 ) -> Outcome {
     let bad = |kind: &'static str, key: &str, reason: String| {
-        Box::new(Bad { kind, shard: job.shard_name.clone(), key: key.to_string(), reason })
+        Box::new(BadSample { kind, shard: job.shard_name.clone(), key: key.to_string(), reason })
     };
     let sample = job.sample.as_ref().map_err(|(kind, e)| bad(kind, "?", e.clone()))?;
     let label = match (sample.class(), cfg.labels) {
@@ -205,12 +170,12 @@ mod tests {
         let fields = fields.into_iter().map(|(e, b)| (e.to_string(), b)).collect();
         let job = Job {
             epoch: 0,
-            seq: 0,
             shard: 0,
             index: 0,
             pass: 0,
             shard_name: "s.tar".into(),
             sample: Ok(ShardSample { key: "k".into(), fields }),
+            capped: false,
         };
         let (_tx, recycle) = crossbeam_channel::bounded(1);
         let out = process(cfg, &job, ctx, &recycle, &LoaderStats::default());
@@ -267,30 +232,6 @@ mod tests {
         assert_eq!(broken.err().map(|b| b.kind), Some("decode"));
         let none = run(&cfg, &mut ctx, vec![("txt", b"hi".to_vec())]);
         assert_eq!(none.err().map(|b| b.kind), Some("missing_image"));
-    }
-
-    #[test]
-    fn a_panic_while_processing_becomes_a_bad_sample() {
-        let job = Job {
-            epoch: 0,
-            seq: 5,
-            shard: 1,
-            index: 2,
-            pass: 0,
-            shard_name: "train-000001.tar".into(),
-            sample: Ok(ShardSample { key: "n01440764_10026".into(), fields: vec![] }),
-        };
-        let formatted = 7;
-        let bad = contain_panic(&job, || panic!("index out of bounds: {formatted}")).expect_err("a bad sample");
-        assert_eq!((bad.kind, &*bad.shard, bad.key.as_str()), (PANIC_KIND, "train-000001.tar", "n01440764_10026"));
-        assert!(bad.reason.contains("index out of bounds: 7"), "{}", bad.reason);
-        let bad = contain_panic(&job, || std::panic::panic_any(3u8)).expect_err("a bad sample");
-        assert!(bad.reason.contains("non-text panic payload"), "{}", bad.reason);
-        // No panic: the outcome passes through untouched.
-        let ok = contain_panic(&job, || {
-            Err(Box::new(Bad { kind: "decode", shard: "s".into(), key: "k".into(), reason: "r".into() }))
-        });
-        assert_eq!(ok.err().map(|b| b.kind), Some("decode"));
     }
 
     #[test]

@@ -541,7 +541,9 @@ mod tests {
         assert!(s.interrupted);
         let ck = Checkpoint::read(s.last_checkpoint.as_ref().unwrap()).unwrap();
         assert_eq!(ck.header.step, 1);
-        assert_eq!(ck.header.loader, LoaderState { epoch: 0, batch: 1, consumed: 4 });
+        let loader = ck.header.loader;
+        assert_eq!((loader.epoch, loader.batch, loader.consumed), (0, 1, 4));
+        assert!(loader.fingerprint.is_some(), "the state says what it refers to");
     }
 
     #[test]
