@@ -6,19 +6,18 @@
 //! with `resize = crop = 224` passes through untouched.
 //!
 //! ```text
-//!  reader thread          jobs     worker threads (N)        done     consumer (Iterator::next)
-//!  shards in order,   -----------> decode, resize, crop  -----------> reorder by sequence number,
-//!  tar read           (permits)                                       fill EvalBatch
+//!  reader thread       ordered map: worker threads (N)      consumer (Iterator::next)
+//!  shards in order, --> decode, resize, crop           -->  results in order, fill EvalBatch
+//!  tar read           (K permits)
 //! ```
 //!
-//! Memory is bounded by `permits` samples in flight (encoded + one decoded crop each), whatever
-//! the speed of the consumer: the reader takes a permit before it sends a sample, the consumer
-//! gives it back once the sample is in a batch. A bad sample (corrupt JPEG, bad `.cls`) is
-//! counted, logged with shard + key + reason, and skipped; a sample without `.cls` gets label
-//! -1 (features of unlabeled data). The last batch may be short: nothing is dropped.
+//! Memory is bounded by `K = 2 x workers` samples in flight (encoded + one decoded crop each),
+//! whatever the speed of the consumer ([`crate::ordered_map`]). The image member is the
+//! loader's: the first of `.jpg`, `.jpeg`, `.png`, `.webp`. A bad sample (corrupt image, bad
+//! `.cls`) is counted, logged with shard + key + reason, and skipped; a sample without `.cls`
+//! gets label -1 (features of unlabeled data). The last batch may be short: nothing is dropped.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -26,13 +25,15 @@ use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 
 use crate::augment::hwc_to_chw;
+use crate::bad_sample::BadSample;
 use crate::batch::normalize_imagenet;
 use crate::decode::{self, RgbImage};
 use crate::http::{HttpConfig, HttpFetcher};
 use crate::loader::{LoaderError, open_shard};
 use crate::metrics as m;
+use crate::ordered_map::{self, MapConfig, Results, Submitter};
 use crate::source::ShardSpec;
-use crate::wds::{IMAGE_EXT, SampleReader, WdsError};
+use crate::wds::{IMAGE_EXTS, SampleReader, WdsError, image_format};
 
 /// The test transform and the threads.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,7 +156,6 @@ impl CenterCropper {
 }
 
 struct Job {
-    seq: u64,
     shard: Arc<str>,
     sample: Result<crate::wds::ShardSample, String>,
 }
@@ -166,25 +166,15 @@ struct Good {
     key: String,
 }
 
-struct Bad {
-    /// Error kind for `cae_pipeline_errors_total` (`decode`, or `panic` for a caught bug).
-    kind: &'static str,
-    shard: Arc<str>,
-    key: String,
-    reason: String,
-}
+type Outcome = Result<Good, BadSample>;
 
 /// Reads a shard list once, in order, as [`EvalBatch`]es (an iterator). Dropping it stops its
 /// threads.
 pub struct EvalReader {
     cfg: EvalConfig,
-    done: crossbeam_channel::Receiver<(u64, Result<Good, Bad>)>,
-    permits: crossbeam_channel::Sender<()>,
-    pending: BTreeMap<u64, Result<Good, Bad>>,
-    next_seq: u64,
-    stop: Arc<AtomicBool>,
+    results: Option<Results<Outcome>>,
     stats: Arc<EvalStats>,
-    threads: Vec<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
     finished: bool,
     /// Set when the reader thread panicked (a bug): reported instead of a silently short pass.
     reader_panic: Arc<Mutex<Option<String>>>,
@@ -209,75 +199,38 @@ impl EvalReader {
         };
         let workers =
             if cfg.workers == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { cfg.workers };
-        let in_flight = 4 * workers + 16;
-        let (permit_tx, permit_rx) = crossbeam_channel::bounded::<()>(in_flight);
-        for _ in 0..in_flight {
-            let _ = permit_tx.send(());
-        }
-        let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(in_flight);
-        let (done_tx, done_rx) = crossbeam_channel::bounded(in_flight);
-        let stop = Arc::new(AtomicBool::new(false));
+        let io = |e: std::io::Error| LoaderError::Io(e.to_string());
+        let mut handles = Vec::new();
+        let (resize, crop) = (cfg.resize, cfg.crop);
+        let map = MapConfig { workers, bound: ordered_map::bound_for(workers), name: "cae-eval-worker".into() };
+        let (submit, results) = ordered_map::start_threads(
+            &map,
+            move || (RgbImage::default(), CenterCropper::new(resize, crop)),
+            |(img, cropper), job: &Job| process(job, img, cropper),
+            |job, what| {
+                let key = job.sample.as_ref().map_or("?", |s| s.key.as_str()).to_string();
+                Err(BadSample::panicked(job.shard.clone(), key, &what))
+            },
+            &mut handles,
+        )
+        .map_err(io)?;
         let stats = Arc::new(EvalStats::default());
-        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new().name(name).spawn(f).map_err(|e| LoaderError::Io(e.to_string()))
-        };
-        let mut threads = Vec::new();
         let reader_panic = Arc::new(Mutex::new(None));
         {
-            let (stop, stats, slot) = (stop.clone(), stats.clone(), reader_panic.clone());
-            threads.push(spawn(
-                "cae-eval-reader".into(),
-                Box::new(move || {
-                    let run = || read_all(&shards, http.as_ref(), &job_tx, &permit_rx, &stop, &stats);
-                    if let Err(what) = crate::guard::catch_panic(run) {
-                        tracing::error!("the eval reader thread panicked: {what}");
-                        if let Ok(mut s) = slot.lock() {
-                            *s = Some(what);
-                        }
+            let (stats, slot) = (stats.clone(), reader_panic.clone());
+            let body = move || {
+                let run = || read_all(&shards, http.as_ref(), submit, &stats);
+                if let Err(what) = crate::guard::catch_panic(run) {
+                    tracing::error!("the eval reader thread panicked: {what}");
+                    if let Ok(mut s) = slot.lock() {
+                        *s = Some(what);
                     }
-                }),
-            )?);
+                }
+            };
+            // The reader may sit in a blocking read when the pass is dropped: not joined.
+            std::thread::Builder::new().name("cae-eval-reader".into()).spawn(body).map_err(io)?;
         }
-        for w in 0..workers {
-            let (job_rx, done_tx, stop) = (job_rx.clone(), done_tx.clone(), stop.clone());
-            let (resize, crop) = (cfg.resize, cfg.crop);
-            threads.push(spawn(
-                format!("cae-eval-worker-{w}"),
-                Box::new(move || {
-                    let mut img = RgbImage::default();
-                    let mut cropper = CenterCropper::new(resize, crop);
-                    for job in job_rx.iter() {
-                        if stop.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        let out = crate::guard::catch_panic(|| process(&job, &mut img, &mut cropper)).unwrap_or_else(
-                            |what| {
-                                // Buffers may be half-written: start them afresh.
-                                (img, cropper) = (RgbImage::default(), CenterCropper::new(resize, crop));
-                                let key = job.sample.as_ref().map_or("?", |s| s.key.as_str()).to_string();
-                                let reason = format!("processing panicked (a bug, please report it): {what}");
-                                Err(Bad { kind: "panic", shard: job.shard.clone(), key, reason })
-                            },
-                        );
-                        if done_tx.send((job.seq, out)).is_err() {
-                            return;
-                        }
-                    }
-                }),
-            )?);
-        }
-        Ok(Self {
-            cfg,
-            done: done_rx,
-            permits: permit_tx,
-            pending: BTreeMap::new(),
-            next_seq: 0,
-            stop,
-            stats,
-            threads,
-            finished: false,
-            reader_panic,
-        })
+        Ok(Self { cfg, results: Some(results), stats, workers: handles, finished: false, reader_panic })
     }
 
     pub fn stats(&self) -> &EvalStats {
@@ -285,15 +238,7 @@ impl EvalReader {
     }
 }
 
-fn read_all(
-    shards: &[ShardSpec],
-    http: Option<&HttpFetcher>,
-    jobs: &crossbeam_channel::Sender<Job>,
-    permits: &crossbeam_channel::Receiver<()>,
-    stop: &AtomicBool,
-    stats: &EvalStats,
-) {
-    let mut seq = 0u64;
+fn read_all(shards: &[ShardSpec], http: Option<&HttpFetcher>, mut submit: Submitter<Job>, stats: &EvalStats) {
     for spec in shards {
         let name: Arc<str> = spec.name().into();
         let reader = match open_shard(spec, http) {
@@ -307,7 +252,10 @@ fn read_all(
         };
         for sample in SampleReader::new(reader) {
             let sample = match sample {
-                Ok(s) => Ok(s),
+                Ok(mut s) => {
+                    s.keep_image_and_class();
+                    Ok(s)
+                }
                 Err(WdsError::Tar { after_sample, message }) => {
                     tracing::warn!("shard {}: {message} after sample {after_sample}; rest of shard skipped", spec.url);
                     stats.shards_failed.fetch_add(1, Ordering::Relaxed);
@@ -316,30 +264,34 @@ fn read_all(
                 }
                 Err(e) => Err(e.to_string()),
             };
-            if permits.recv().is_err() || stop.load(Ordering::Relaxed) {
-                return;
-            }
             stats.samples_read.fetch_add(1, Ordering::Relaxed);
             ::metrics::counter!(m::SAMPLES_READ).increment(1);
-            if jobs.send(Job { seq, shard: name.clone(), sample }).is_err() {
-                return;
+            if submit.submit(Job { shard: name.clone(), sample }).is_err() {
+                return; // the pass was dropped
             }
-            seq += 1;
         }
     }
 }
 
-fn process(job: &Job, img: &mut RgbImage, cropper: &mut CenterCropper) -> Result<Good, Bad> {
-    let bad =
-        |key: &str, reason: String| Bad { kind: "decode", shard: job.shard.clone(), key: key.to_string(), reason };
+fn process(job: &Job, img: &mut RgbImage, cropper: &mut CenterCropper) -> Outcome {
+    let bad = |key: &str, reason: String| BadSample {
+        kind: "decode",
+        shard: job.shard.clone(),
+        key: key.to_string(),
+        reason,
+    };
     let sample = job.sample.as_ref().map_err(|e| bad("?", e.clone()))?;
     let label = match sample.class() {
         None => -1,
         Some(Err(e)) => return Err(bad(&sample.key, format!("bad class: {e}"))),
         Some(Ok(c)) => c,
     };
-    let jpg = sample.get(IMAGE_EXT).ok_or_else(|| bad(&sample.key, format!("no .{IMAGE_EXT} member")))?;
-    decode::decode_jpeg_into(jpg, true, img).map_err(|e| bad(&sample.key, e.to_string()))?;
+    let (ext, bytes) = sample.image().ok_or_else(|| BadSample {
+        kind: "missing_image",
+        ..bad(&sample.key, format!("no image member (.{})", IMAGE_EXTS.join(", .")))
+    })?;
+    decode::decode_other_into(bytes, image_format(ext), decode::DEFAULT_MAX_PIXELS, img)
+        .map_err(|e| bad(&sample.key, e.to_string()))?;
     let mut image = vec![0u8; 3 * cropper.size * cropper.size];
     cropper.apply(img, &mut image).map_err(|e| bad(&sample.key, e))?;
     Ok(Good { image, label, key: sample.key.clone() })
@@ -352,25 +304,15 @@ impl Iterator for EvalReader {
         if self.finished {
             return None;
         }
+        let results = self.results.as_mut()?;
         let s = self.cfg.crop;
         let mut batch = EvalBatch { size: s, images: Vec::new(), labels: Vec::new(), keys: Vec::new() };
         while batch.len() < self.cfg.batch_size {
-            let out = match self.pending.remove(&self.next_seq) {
-                Some(o) => o,
-                None => match self.done.recv() {
-                    Ok((seq, o)) => {
-                        self.pending.insert(seq, o);
-                        continue;
-                    }
-                    Err(_) => {
-                        // Every worker has exited: the reader is done and everything is in.
-                        self.finished = true;
-                        break;
-                    }
-                },
+            let Some(out) = results.recv() else {
+                // Every worker has exited: the reader is done and everything is in.
+                self.finished = true;
+                break;
             };
-            self.next_seq += 1;
-            let _ = self.permits.try_send(());
             match out {
                 Ok(g) => {
                     batch.images.extend_from_slice(&g.image);
@@ -380,8 +322,7 @@ impl Iterator for EvalReader {
                 }
                 Err(b) => {
                     self.stats.bad_samples.fetch_add(1, Ordering::Relaxed);
-                    ::metrics::counter!(m::ERRORS, "kind" => b.kind).increment(1);
-                    tracing::warn!("skipping sample {} of shard {}: {}", b.key, b.shard, b.reason);
+                    b.report();
                 }
             }
         }
@@ -390,15 +331,14 @@ impl Iterator for EvalReader {
             if let Some(what) = panic {
                 return Some(Err(LoaderError::Panicked { thread: "eval reader", what }));
             }
-        }
-        if batch.is_empty() {
-            if !self.pending.is_empty() {
+            if results.stranded() > 0 {
+                let n = results.stranded();
                 return Some(Err(LoaderError::Io(format!(
-                    "{} samples after sequence {} never arrived",
-                    self.pending.len(),
-                    self.next_seq
+                    "{n} processed samples were stranded: a worker thread died"
                 ))));
             }
+        }
+        if batch.is_empty() {
             return None;
         }
         Some(Ok(batch))
@@ -407,17 +347,10 @@ impl Iterator for EvalReader {
 
 impl Drop for EvalReader {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Unblock the reader (waiting for a permit) and the workers (waiting to send).
-        while self.done.try_recv().is_ok() {}
-        for _ in 0..64 {
-            let _ = self.permits.try_send(());
-        }
-        while self.done.try_recv().is_ok() {}
-        for t in self.threads.drain(..) {
-            if t.is_finished() {
-                let _ = t.join();
-            }
+        // Dropping the results stops the workers (and makes the reader's next submit fail).
+        self.results = None;
+        for t in self.workers.drain(..) {
+            let _ = t.join();
         }
     }
 }

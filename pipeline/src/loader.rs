@@ -208,8 +208,11 @@ pub struct LoaderStats {
     /// Bad samples of kind `too_large` (over `max_pixels` or `max_member_bytes`).
     pub too_large: AtomicU64,
     pub shards_failed: AtomicU64,
-    /// Shards opened (resuming opens only those still in the shuffle buffer).
+    /// Shards opened.
     pub shards_opened: AtomicU64,
+    /// Shards read to rebuild a saved position (on resume; rarely in an epoch's tail): with the
+    /// manifest's counts only those still in the shuffle buffer and the one being read.
+    pub resume_shards_read: AtomicU64,
     pub decode_ns: AtomicU64,
     pub augment_ns: AtomicU64,
     pub read_ns: AtomicU64,

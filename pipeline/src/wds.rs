@@ -32,6 +32,15 @@ use webdataset::{Sample, TarWriter, Value};
 pub const IMAGE_EXT: &str = "jpg";
 /// Image member extensions the loader reads, in order of preference (the first found is used).
 pub const IMAGE_EXTS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+/// The decoder's format for an image member extension (one of [`IMAGE_EXTS`]).
+pub fn image_format(ext: &str) -> crate::decode::Format {
+    use crate::decode::Format;
+    match ext {
+        "png" => Format::Png,
+        "webp" => Format::Webp,
+        _ => Format::Jpeg,
+    }
+}
 /// Extension of the class-index member (decimal text).
 pub const CLASS_EXT: &str = "cls";
 /// Extension of the per-sample metadata member (JSON).
@@ -378,6 +387,24 @@ mod tests {
         assert_eq!(split_member_name("a.seg.png"), Some(("a", "seg.png")));
         assert_eq!(split_member_name("dir.x/a.b.c"), Some(("dir.x/a", "b.c")));
         assert_eq!(split_member_name("noext"), None);
+    }
+
+    /// Regression: the shuffle buffer kept members the loader never uses (`.json`, a second
+    /// image, segmentation maps). Only the chosen image and `.cls` stay.
+    #[test]
+    fn only_the_chosen_image_and_the_class_are_kept() {
+        let f = |e: &str, n: usize| (e.to_string(), vec![1u8; n]);
+        let mut s = ShardSample {
+            key: "k".into(),
+            fields: vec![f("json", 900), f("png", 50), f("cls", 1), f("jpg", 40), f("seg.png", 700)],
+        };
+        s.keep_image_and_class();
+        let mut kept: Vec<&str> = s.fields.iter().map(|(e, _)| e.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, ["cls", "jpg"], "the .jpg comes first among the images");
+        let mut unlabeled = ShardSample { key: "k".into(), fields: vec![f("txt", 5), f("webp", 9)] };
+        unlabeled.keep_image_and_class();
+        assert_eq!(unlabeled.fields, vec![f("webp", 9)]);
     }
 
     #[test]

@@ -393,13 +393,7 @@ fn huge_headers_and_members_are_skipped_while_unlabeled_and_png_samples_load() {
     bomb[sof + 5..sof + 9].copy_from_slice(&[0x40, 0x00, 0x40, 0x00]); // claims 16384 x 16384
     let sos = bomb.windows(2).position(|m| m == [0xFF, 0xDA]).expect("scan header");
     bomb.truncate(sos + 64); // headers only, like the 166-byte file of the issue
-    let png = {
-        let img = cae_pipeline::decode::decode_jpeg(&jpg, true).unwrap();
-        let rgb = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.pixels).unwrap();
-        let mut out = std::io::Cursor::new(Vec::new());
-        rgb.write_to(&mut out, image::ImageFormat::Png).unwrap();
-        out.into_inner()
-    };
+    let png = png_of(&jpg);
     let path = tmp.path().join("mixed.tar");
     let mut w = ShardWriter::create(&path).unwrap();
     let big_member = vec![0u8; 300_000];
@@ -430,6 +424,15 @@ fn huge_headers_and_members_are_skipped_while_unlabeled_and_png_samples_load() {
         assert!(i % 6 >= 2, "{key} should have been skipped");
         assert_eq!(*label, if i % 6 < 4 { -1 } else { 2 }, "{key}");
     }
+}
+
+/// The same image as a PNG.
+fn png_of(jpg: &[u8]) -> Vec<u8> {
+    let img = cae_pipeline::decode::decode_jpeg(jpg, true).unwrap();
+    let rgb = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.pixels).unwrap();
+    let mut out = std::io::Cursor::new(Vec::new());
+    rgb.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
 }
 
 /// Regression (issue 16): a mistyped brace range, a deleted shard or a shard cut exactly at a
@@ -535,6 +538,9 @@ fn eval_reader_yields_every_sample_once_in_order_and_skips_bad_ones() {
     w.write_sample("x0", &[("jpg", b"\xFF\xD8\xFFnot a jpeg"), ("cls", b"0")]).unwrap();
     w.write_sample("x1", &[("jpg", &jpg)]).unwrap();
     w.write_sample("x2", &[("jpg", &jpg), ("cls", b"3")]).unwrap();
+    // Regression: eval read only `.jpg` members; now the loader's choice (.jpeg, .png, .webp).
+    w.write_sample("x3", &[("cls", b"4"), ("png", &png_of(&jpg))]).unwrap();
+    w.write_sample("x4", &[("jpeg", &jpg), ("json", b"{}")]).unwrap();
     w.finish().unwrap();
     let mut specs = source::expand(dir.to_str().unwrap()).unwrap();
     specs.extend(source::expand(extra.to_str().unwrap()).unwrap());
@@ -555,6 +561,8 @@ fn eval_reader_yields_every_sample_once_in_order_and_skips_bad_ones() {
         let mut want = expected.clone();
         want.push(("x1".into(), -1));
         want.push(("x2".into(), 3));
+        want.push(("x3".into(), 4));
+        want.push(("x4".into(), -1));
         assert_eq!(got, want, "{workers} workers: every good sample once, in order");
         assert!(sizes[..sizes.len() - 1].iter().all(|&s| s == 7), "only the last batch is short: {sizes:?}");
         assert_eq!(reader.stats().bad_samples.load(Ordering::Relaxed), 1);

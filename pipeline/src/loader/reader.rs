@@ -274,6 +274,18 @@ impl Reader {
     /// read) are read; without counts, or when the byte cap shaped the order (`replay`), the
     /// epoch's reading is replayed from its start (tar parsing only, nothing decoded).
     fn open_at(&self, epoch: u64, at: u64, replay: bool) -> Result<Stream<TarFeed<'_>>, Halt> {
+        let opened = self.stats.shards_opened.load(Ordering::Relaxed);
+        let stream = self.position(epoch, at, replay)?;
+        if at > 0 {
+            let read = self.stats.shards_opened.load(Ordering::Relaxed) - opened;
+            self.stats.resume_shards_read.fetch_add(read, Ordering::Relaxed);
+            let how = if stream.buffer.byte_capped || replay { "replayed" } else { "rebuilt from the counts" };
+            tracing::info!("epoch {epoch}: position {at} {how}, {read} shard(s) read");
+        }
+        Ok(stream)
+    }
+
+    fn position(&self, epoch: u64, at: u64, replay: bool) -> Result<Stream<TarFeed<'_>>, Halt> {
         let list = self.list(epoch);
         let n = list.len();
         let wrap = self.per_epoch.is_some();

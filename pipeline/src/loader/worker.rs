@@ -10,10 +10,10 @@ use super::{Done, Job, LabelPolicy, LoaderConfig, LoaderError, LoaderStats, Outc
 use crate::augment::{TwoViewParams, TwoViewResizer};
 use crate::bad_sample::BadSample;
 use crate::batch::Batch;
-use crate::decode::{self, DecodeError, Format, RgbImage};
+use crate::decode::{self, DecodeError, RgbImage};
 use crate::mask;
 use crate::metrics as m;
-use crate::wds::{CLASS_EXT, IMAGE_EXTS};
+use crate::wds::{CLASS_EXT, IMAGE_EXTS, image_format};
 
 /// Decoded-image capacity a worker keeps between samples (about 21 MP of RGB, above any
 /// ImageNet image): after an outlier the buffer is released instead of staying that large for
@@ -114,8 +114,7 @@ fn process(
         .map_err(decode_err)?;
         full_height
     } else {
-        let format = if ext == "png" { Format::Png } else { Format::Webp };
-        decode::decode_other_into(image, format, max_pixels, &mut ctx.img).map_err(decode_err)?;
+        decode::decode_other_into(image, image_format(ext), max_pixels, &mut ctx.img).map_err(decode_err)?;
         params = Some(TwoViewParams::draw(ctx.img.width, ctx.img.height, &cfg.augment, &mut rng));
         ctx.img.height
     };
