@@ -17,13 +17,13 @@
 //! journal, checks every journaled shard (size and sha256) and continues at the first input file
 //! after the last complete shard: the result equals an uninterrupted run.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use cae_pipeline::manifest::{MANIFEST_FILE, MANIFEST_FORMAT, Manifest, ShardEntry};
+use cae_pipeline::ordered_map::{self, MapConfig};
 use cae_pipeline::wds::{CLASS_EXT, IMAGE_EXT, META_EXT, ShardWriter, sha256_file};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
@@ -193,46 +193,45 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
     let files = &listing.files;
 
     std::thread::scope(|s| -> Result<(), ShardError> {
-        let (job_tx, job_rx) = crossbeam_channel::bounded::<(u64, usize)>(workers * 8);
-        let (res_tx, res_rx) = crossbeam_channel::bounded::<(u64, Outcome, u64)>(workers * 8);
+        // One bounded ordered map (the pipeline's): at most K = 2 x workers files read and not
+        // yet written, whatever is slow; results come back in shuffled input order.
+        let map = MapConfig { workers, bound: ordered_map::bound_for(workers), name: "sharder-worker".into() };
+        let (mut submit, mut results) = ordered_map::start(
+            &map,
+            || (),
+            |_, &idx: &usize| {
+                let mut read = 0;
+                let out = process(&files[idx], &popts, &mut read);
+                (out, read)
+            },
+            |&idx, what| {
+                let reason = format!("processing panicked (a bug, please report it with this file): {what}");
+                (Outcome::Rejected { rel_path: files[idx].rel_path.clone(), reason }, 0)
+            },
+            |name, body| std::thread::Builder::new().name(name).spawn_scoped(s, body).map(drop),
+        )
+        .map_err(|e| ShardError::Internal(format!("starting workers: {e}")))?;
         s.spawn(move || {
-            for (seq, idx) in todo.into_iter().enumerate() {
-                if job_tx.send((seq as u64, idx)).is_err() {
+            for idx in todo {
+                if submit.submit(idx).is_err() {
                     break; // the writer stopped (error): stop feeding
                 }
             }
         });
-        for _ in 0..workers {
-            let (job_rx, res_tx) = (job_rx.clone(), res_tx.clone());
-            s.spawn(move || {
-                for (seq, idx) in job_rx {
-                    let mut read = 0;
-                    let out = process(&files[idx], &popts, &mut read);
-                    if res_tx.send((seq, out, read)).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        drop(res_tx);
-        drop(job_rx);
-        // Reorder: results arrive in any order, shards are written in shuffled order. The buffer
-        // holds at most the items in flight (two bounded channels plus one per worker).
         let mut next_seq = 0u64;
-        let mut buffer: BTreeMap<u64, Outcome> = BTreeMap::new();
-        for (seq, out, read) in res_rx.iter() {
+        while let Some((out, read)) = results.recv() {
             bytes_read += read;
-            buffer.insert(seq, out);
-            while let Some(out) = buffer.remove(&next_seq) {
-                let input_pos = next_input + next_seq + 1;
-                writer.accept(out, input_pos)?;
-                next_seq += 1;
-                pb.inc(1);
-                let secs = start.elapsed().as_secs_f64().max(1e-9);
-                if next_seq.is_multiple_of(64) {
-                    pb.set_message(format!("{:.1} MB/s", bytes_read as f64 / 1e6 / secs));
-                }
+            let input_pos = next_input + next_seq + 1;
+            writer.accept(out, input_pos)?;
+            next_seq += 1;
+            pb.inc(1);
+            let secs = start.elapsed().as_secs_f64().max(1e-9);
+            if next_seq.is_multiple_of(64) {
+                pb.set_message(format!("{:.1} MB/s", bytes_read as f64 / 1e6 / secs));
             }
+        }
+        if results.stranded() > 0 {
+            return Err(ShardError::Internal(format!("{} results stranded: a worker died", results.stranded())));
         }
         Ok(())
     })?;
