@@ -8,11 +8,12 @@
 //! ```text
 //!  reader thread       ordered map: worker threads (N)      consumer (Iterator::next)
 //!  shards in order, --> decode, resize, crop           -->  results in order, fill EvalBatch
-//!  tar read           (K permits)
+//!  tar read           (window of K)
 //! ```
 //!
-//! Memory is bounded by `K = 2 x workers` samples in flight (encoded + one decoded crop each),
-//! whatever the speed of the consumer ([`crate::ordered_map`]). The image member is the
+//! Memory is bounded whatever the speed of the consumer ([`crate::ordered_map`]): at most
+//! `K = 2 x workers` samples decoded (or decoding) and not yet in a batch, plus `K` encoded
+//! samples queued. The image member is the
 //! loader's: the first of `.jpg`, `.jpeg`, `.png`, `.webp`. A bad sample (corrupt image, bad
 //! `.cls`) is counted, logged with shard + key + reason, and skipped; a sample without `.cls`
 //! gets label -1 (features of unlabeled data). The last batch may be short: nothing is dropped.

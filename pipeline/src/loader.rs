@@ -4,7 +4,7 @@
 //!  reader thread               ordered map: worker threads (N)     assembler thread
 //!  epoch shard order,   submit  decode (zune-jpeg)         recv     results in order,
 //!  rank split, tar read -------> crop/flip/resize, mask   -------> skip bad samples, fill Batch,
-//!  shuffle buffer       K permits (per-sample RNG)                  send (bounded async-channel,
+//!  shuffle buffer       window of K (per-sample RNG)                send (bounded async-channel,
 //!                                                                   `prefetch` batches)
 //! ```
 //!
@@ -35,10 +35,10 @@
 //!
 //! Memory bound: the shuffle buffer (`shuffle_buffer` samples and `shuffle_buffer_bytes`, only
 //! the image and `.cls` members kept; at an epoch boundary the next epoch's buffer fills while
-//! `K` samples of the ending one wait in reserve), plus `K = 2 x workers` samples in flight —
-//! submitted but not yet in a batch, decoded or not, whatever is slow (the ordered map's
-//! permits) — plus per worker one decoded image (shrunk back after an outlier), plus
-//! `(prefetch + 2)` batches of `B x 3 x (S² + T²)` bytes.
+//! a few samples of the ending one wait in reserve), plus at most `K = 2 x workers` samples
+//! decoded (or decoding) and not yet in a batch, whatever is slow (the ordered map's window),
+//! plus `K` encoded samples queued for the workers, plus per worker one decoded image (shrunk
+//! back after an outlier), plus `(prefetch + 2)` batches of `B x 3 x (S² + T²)` bytes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -530,7 +530,7 @@ impl Loader {
         &self.stats
     }
 
-    /// `K`: samples submitted to the workers and not yet in a batch, at most (`2 x workers`).
+    /// `K`: samples decoded (or decoding) and not yet in a batch, at most (`2 x workers`).
     pub fn in_flight_bound(&self) -> usize {
         self.in_flight_bound
     }

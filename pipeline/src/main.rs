@@ -32,6 +32,9 @@ struct LoaderArgs {
     /// Shuffle buffer size in samples.
     #[arg(long, default_value_t = 1000)]
     shuffle_buffer: usize,
+    /// Shuffle buffer bound in bytes (image and .cls members only).
+    #[arg(long, default_value_t = cae_pipeline::loader::DEFAULT_SHUFFLE_BUFFER_BYTES)]
+    shuffle_buffer_bytes: u64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -43,6 +46,7 @@ impl LoaderArgs {
             workers: self.workers.unwrap_or(0),
             prefetch: self.prefetch,
             shuffle_buffer: self.shuffle_buffer,
+            shuffle_buffer_bytes: self.shuffle_buffer_bytes,
             seed: self.seed,
             ..LoaderConfig::default()
         }
@@ -111,7 +115,9 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
     let shards = source::expand(&args.shards)?;
     let cfg = args.config(batch_size);
     let workers = cfg.worker_count();
+    let (buffer, buffer_bytes) = (cfg.shuffle_buffer, cfg.shuffle_buffer_bytes);
     let loader = Loader::new(cfg, shards.clone(), LoaderState::default())?;
+    let bound = loader.in_flight_bound();
     let pb = if std::io::stderr().is_terminal() && !json {
         let pb = ProgressBar::new((batches + 2) as u64);
         pb.set_style(
@@ -139,6 +145,7 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
     let s1 = snapshot(&loader);
     pb.finish_and_clear();
     let peak_rss = peak_rss_bytes();
+    let peak_in_flight = loader.stats().map.get().map_or(0, |c| c.peak_undelivered.load(Ordering::Relaxed));
     drop(loader);
 
     let images = (batches * batch_size) as f64;
@@ -173,6 +180,10 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
             "ratio_to_decode_only": ratio,
             "bad_samples": s1.bad,
             "peak_rss_bytes": peak_rss,
+            "in_flight_bound": bound,
+            "in_flight_peak": peak_in_flight,
+            "shuffle_buffer": buffer,
+            "shuffle_buffer_bytes": buffer_bytes,
         });
         println!("{j}");
     } else {
@@ -183,6 +194,10 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
         println!("  per image: read {read_ms:.3} ms, decode {decode_ms:.3} ms, crop+resize+mask {augment_ms:.3} ms");
         println!("  rows decoded        {:>10.1} % (decoding stops below the crop box)", 100.0 * rows_fraction);
         println!("  peak RSS            {:>10.1} MiB", peak_rss as f64 / (1 << 20) as f64);
+        println!(
+            "  memory bound: {bound} decoded samples in flight (peak {peak_in_flight}), shuffle buffer {buffer} samples / {:.0} MiB",
+            buffer_bytes as f64 / (1 << 20) as f64
+        );
         println!("zune-jpeg decode only (1 thread, {dec_n} images of the same shards): {dec_ips:.1} images/s");
         println!("ratio pipeline per core / decode only: {ratio:.2}");
         if s1.bad > 0 {

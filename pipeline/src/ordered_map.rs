@@ -3,16 +3,18 @@
 //! loader, the eval reader and the sharder's ordered writer all run on it.
 //!
 //! ```text
-//!  producer (submit)         jobs        workers (N)          done       consumer (recv)
-//!  takes a permit,    -------------->  f(&mut state, &item) ----------->  reorder by sequence,
-//!  numbers the item    (permits: K)    panic -> on_panic                  give the permit back
+//!  producer (submit)      jobs (K)      workers (N)                 done      consumer (recv)
+//!  numbers the item  --------------->  wait for the window,   ------------>  reorder by sequence,
+//!                                      f(&mut state, &item)                  advance the window
 //! ```
 //!
-//! **Bound**: a permit is taken before an item is submitted and given back when its result is
-//! delivered, so at most `K` items are submitted-but-undelivered at any time — queued, being
-//! processed, or processed and waiting behind a slow one — whatever is slow (a head-of-line
-//! item, the consumer). The reorder map therefore never holds more than `K` results. The
-//! pipeline uses `K = 2 x workers` ([`bound_for`]).
+//! **Bound**: a worker starts item `s` only once `s < delivered + K` (the window of `K`
+//! sequence numbers after the last result delivered), so at most `K` items are being processed
+//! or processed-and-waiting at any time — whatever is slow (a head-of-line item, the consumer).
+//! The reorder map therefore never holds more than `K` results. The item that is due next is
+//! always inside the window, so the map cannot deadlock. Besides these, at most `K` submitted
+//! items wait in the job queue (unprocessed: for the loader, encoded samples) and one per
+//! worker waits for the window. The pipeline uses `K = 2 x workers` ([`bound_for`]).
 //!
 //! A panic in `f` (a bug, in our code or a dependency's, on hostile input) does not take its
 //! worker down: `on_panic` turns it into that item's result (a bad sample, a rejected file) and
@@ -26,7 +28,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-/// The bound the pipeline uses for `workers` threads: `2 x workers` items in flight.
+/// The bound the pipeline uses for `workers` threads: `2 x workers` items processed or being
+/// processed and not yet delivered.
 pub fn bound_for(workers: usize) -> usize {
     2 * workers.max(1)
 }
@@ -40,23 +43,47 @@ pub struct MapCounters {
     pub processed: AtomicU64,
     /// Results handed to the consumer.
     pub delivered: AtomicU64,
-    /// Highest `submitted - delivered` seen (at each submission).
-    pub peak_in_flight: AtomicU64,
-    /// Highest `processed - delivered` seen (at each completion): results decoded but waiting.
+    /// Highest `submitted - delivered` seen (at each submission): queued items included.
+    pub peak_submitted: AtomicU64,
+    /// Highest `processed - delivered` seen (at each completion): results decoded but not yet
+    /// delivered, at most `K`.
     pub peak_undelivered: AtomicU64,
 }
 
-impl MapCounters {
-    /// Items submitted and not yet delivered.
-    pub fn in_flight(&self) -> u64 {
-        self.submitted.load(Ordering::SeqCst).saturating_sub(self.delivered.load(Ordering::SeqCst))
+/// The window: how many results were delivered, with a condition variable for the workers
+/// waiting to start an item beyond it.
+struct Window {
+    delivered: std::sync::Mutex<u64>,
+    advanced: std::sync::Condvar,
+    bound: u64,
+}
+
+impl Window {
+    /// Waits until item `seq` is inside the window; false when the map is stopping.
+    fn enter(&self, seq: u64, stop: &AtomicBool) -> bool {
+        let mut delivered = self.delivered.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while seq >= *delivered + self.bound {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            let timeout = Duration::from_millis(100);
+            delivered = match self.advanced.wait_timeout(delivered, timeout) {
+                Ok((d, _)) => d,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        true
+    }
+
+    fn advance(&self) {
+        *self.delivered.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        self.advanced.notify_all();
     }
 }
 
-/// The producer's end: [`submit`](Submitter::submit) blocks while `K` items are in flight.
+/// The producer's end: [`submit`](Submitter::submit) blocks while the job queue is full.
 pub struct Submitter<I> {
     jobs: crossbeam_channel::Sender<(u64, I)>,
-    permits: crossbeam_channel::Receiver<()>,
     next: u64,
     counters: Arc<MapCounters>,
 }
@@ -66,17 +93,15 @@ pub struct Submitter<I> {
 pub struct Closed<I>(pub I);
 
 impl<I> Submitter<I> {
-    /// Submits the next item, waiting for a permit while `K` items are in flight.
+    /// Submits the next item, waiting while the job queue is full.
     pub fn submit(&mut self, item: I) -> Result<(), Closed<I>> {
-        if self.permits.recv().is_err() {
-            return Err(Closed(item));
-        }
+        let seq = self.next;
+        self.jobs.send((seq, item)).map_err(|e| Closed(e.into_inner().1))?;
+        self.next += 1;
         let submitted = self.counters.submitted.fetch_add(1, Ordering::SeqCst) + 1;
         let in_flight = submitted.saturating_sub(self.counters.delivered.load(Ordering::SeqCst));
-        self.counters.peak_in_flight.fetch_max(in_flight, Ordering::SeqCst);
-        let seq = self.next;
-        self.next += 1;
-        self.jobs.send((seq, item)).map_err(|e| Closed(e.into_inner().1))
+        self.counters.peak_submitted.fetch_max(in_flight, Ordering::SeqCst);
+        Ok(())
     }
 
     pub fn counters(&self) -> &Arc<MapCounters> {
@@ -87,7 +112,7 @@ impl<I> Submitter<I> {
 /// The consumer's end: results in submission order.
 pub struct Results<O> {
     done: crossbeam_channel::Receiver<(u64, O)>,
-    permits: crossbeam_channel::Sender<()>,
+    window: Arc<Window>,
     /// Results that came in ahead of `next`: at most `K`.
     pending: BTreeMap<u64, O>,
     next: u64,
@@ -103,7 +128,7 @@ impl<O> Results<O> {
             if let Some(out) = self.pending.remove(&self.next) {
                 self.next += 1;
                 self.counters.delivered.fetch_add(1, Ordering::SeqCst);
-                let _ = self.permits.try_send(());
+                self.window.advance();
                 return Some(out);
             }
             let (seq, out) = self.done.recv().ok()?;
@@ -163,23 +188,21 @@ where
     P: Fn(&I, String) -> O + Send + Sync + 'a,
 {
     let bound = cfg.bound.max(1);
-    let (permit_tx, permit_rx) = crossbeam_channel::bounded::<()>(bound);
-    for _ in 0..bound {
-        let _ = permit_tx.try_send(());
-    }
-    // Both channels can hold every item in flight: sends never wait on the bound twice.
+    let window = Arc::new(Window { delivered: Default::default(), advanced: Default::default(), bound: bound as u64 });
     let (job_tx, job_rx) = crossbeam_channel::bounded::<(u64, I)>(bound);
+    // Can hold every result of the window: a worker never waits to hand one over.
     let (done_tx, done_rx) = crossbeam_channel::bounded::<(u64, O)>(bound);
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(MapCounters::default());
     let body = Arc::new(Body { init, f, on_panic });
     for w in 0..cfg.workers.max(1) {
-        let (jobs, done, stop, counters, body) =
-            (job_rx.clone(), done_tx.clone(), stop.clone(), counters.clone(), body.clone());
-        spawn(format!("{}-{w}", cfg.name), Box::new(move || work(&body, &jobs, &done, &stop, &counters)))?;
+        let (jobs, done, stop, counters, body, window) =
+            (job_rx.clone(), done_tx.clone(), stop.clone(), counters.clone(), body.clone(), window.clone());
+        let run = move || work(&body, &jobs, &done, &window, &stop, &counters);
+        spawn(format!("{}-{w}", cfg.name), Box::new(run))?;
     }
-    let submitter = Submitter { jobs: job_tx, permits: permit_rx, next: 0, counters: counters.clone() };
-    let results = Results { done: done_rx, permits: permit_tx, pending: BTreeMap::new(), next: 0, stop, counters };
+    let submitter = Submitter { jobs: job_tx, next: 0, counters: counters.clone() };
+    let results = Results { done: done_rx, window, pending: BTreeMap::new(), next: 0, stop, counters };
     Ok((submitter, results))
 }
 
@@ -187,6 +210,7 @@ fn work<I, O, S>(
     body: &Body<impl Fn() -> S, impl Fn(&mut S, &I) -> O, impl Fn(&I, String) -> O>,
     jobs: &crossbeam_channel::Receiver<(u64, I)>,
     done: &crossbeam_channel::Sender<(u64, O)>,
+    window: &Window,
     stop: &AtomicBool,
     counters: &MapCounters,
 ) {
@@ -198,6 +222,9 @@ fn work<I, O, S>(
             Err(crossbeam_channel::RecvTimeoutError::Timeout) if !stop.load(Ordering::Relaxed) => continue,
             Err(_) => return,
         };
+        if !window.enter(seq, stop) {
+            return;
+        }
         let out = match crate::guard::catch_panic(|| (body.f)(&mut state, &item)) {
             Ok(out) => out,
             Err(what) => {
@@ -291,12 +318,13 @@ mod tests {
         }
         producer.join().expect("producer");
         let c = rx.counters().clone();
-        let peak = c.peak_in_flight.load(Ordering::SeqCst);
         let undelivered = c.peak_undelivered.load(Ordering::SeqCst);
-        assert!(peak <= k as u64, "{peak} items in flight, bound {k}");
-        assert!(undelivered <= k as u64, "{undelivered} results waiting, bound {k}");
-        // The bound was actually reached while item 0 was held: the others filled it.
-        assert_eq!(peak, k as u64);
+        assert!(undelivered <= k as u64, "{undelivered} results decoded and waiting, bound {k}");
+        // The bound was actually reached while item 0 was held: the others filled the window.
+        assert_eq!(undelivered, k as u64);
+        // Queued items: the job queue (K) plus one per worker waiting for the window.
+        let submitted = c.peak_submitted.load(Ordering::SeqCst);
+        assert!(submitted <= (2 * k + workers) as u64, "{submitted} submitted and undelivered");
         // In order; the failing and the panicking item are reported in place; the rest goes on.
         assert_eq!(got.len() as u64, n);
         for (i, r) in got.iter().enumerate() {
@@ -319,9 +347,9 @@ mod tests {
         let (mut tx, rx) = start_threads(&cfg, || (), |_, &i: &u32| i, |&i, _| i, &mut handles).expect("start");
         tx.submit(1).expect("open");
         drop(rx);
-        // Permits run out or the channel is closed: either way submit fails instead of hanging.
+        // The workers stop and the queue closes: submit fails instead of hanging.
         let mut failed = false;
-        for i in 0..10 {
+        for i in 0..100 {
             if tx.submit(i).is_err() {
                 failed = true;
                 break;

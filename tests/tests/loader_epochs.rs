@@ -108,7 +108,7 @@ fn epochs_end_exactly_with_nothing_decoded_past_their_end() {
     assert!(bad >= 3 * 5, "bad samples seen: {bad}");
     assert_eq!(map.processed.load(Ordering::SeqCst), done + bad, "samples decoded beyond the epochs' ends");
     let k = loader.in_flight_bound() as u64;
-    assert!(map.peak_in_flight.load(Ordering::SeqCst) <= k);
+    assert!(map.peak_undelivered.load(Ordering::SeqCst) <= k);
 }
 
 /// Regression: `--resume` after the shard set changed could make the epoch never end (the

@@ -4,7 +4,7 @@
 //! Known epoch length (counts from a manifest): the reader submits exactly as many samples as
 //! the epoch can still use — `needed + bad samples seen so far` — so nothing past the epoch's
 //! end is ever decoded. In the epoch's tail (everything it needs is in flight) it keeps the next
-//! `K` samples of the stream as a reserve (for bad samples found in flight), drops the epoch's
+//! `3 x K` samples of the stream (more than can be in flight) as a reserve (for bad samples found in flight), drops the epoch's
 //! buffer, and reads the next epoch's shards into that epoch's buffer: when the assembler
 //! closes the epoch, the next one's samples are ready, with no stall at the boundary.
 //!
@@ -38,7 +38,7 @@ pub(super) struct Reader {
     pub(super) stats: Arc<LoaderStats>,
     /// Batches per epoch, when the shards' counts are known.
     pub(super) per_epoch: Option<u64>,
-    /// `K`: samples in flight at most (the tail's reserve).
+    /// `K`: the ordered map's window (the tail's reserve is `3 x K`, more than can be in flight).
     pub(super) bound: usize,
     /// Failed shards (distinct URLs) so far, and how many are tolerated.
     pub(super) failed: RefCell<BTreeSet<String>>,
@@ -235,7 +235,7 @@ impl Reader {
             }
             // The tail: everything the epoch can still use is in flight.
             if let Some(mut c) = cur.take() {
-                for _ in 0..self.bound {
+                for _ in 0..3 * self.bound {
                     reserve.push_back(pull(&mut c)?);
                 }
                 (position, capped) = (c.seq, c.buffer.byte_capped);
