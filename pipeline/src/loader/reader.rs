@@ -45,6 +45,9 @@ pub(super) struct Reader {
     pub(super) max_failed_shards: u64,
 }
 
+/// A shard opened for streaming, or why it could not be.
+type Opened = Result<Box<dyn Read + Send>, String>;
+
 /// Samples read from tar shards.
 pub(super) struct TarFeed<'a> {
     r: &'a Reader,
@@ -52,7 +55,7 @@ pub(super) struct TarFeed<'a> {
     list: Vec<usize>,
     current: Option<Current>,
     /// The next shard, opened early (HTTP) so that the download overlaps parsing.
-    ahead: Option<(usize, Result<Box<dyn Read + Send>, String>)>,
+    ahead: Option<(usize, Opened)>,
 }
 
 struct Current {
