@@ -38,7 +38,13 @@ pub enum Validate {
 pub struct ProcessOptions {
     pub validate: Validate,
     pub max_side: Option<u32>,
+    /// Input files larger than this are rejected from their size, before they are read.
+    pub max_file_bytes: u64,
 }
+
+/// Default `--max-file-bytes`: the loader's default `data.max_member_bytes`, so nothing the
+/// sharder writes is skipped by the loader.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 << 20;
 
 /// What was done to an accepted file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -98,9 +104,23 @@ pub fn process(file: &InputFile, opts: &ProcessOptions, bytes_read: &mut u64) ->
     let (Some(class), Some(class_index)) = (&file.class, file.class_index) else {
         return reject("not inside a class folder".into());
     };
+    if let Some(problem) = &file.problem {
+        return reject(problem.clone());
+    }
+    let max = opts.max_file_bytes;
     let mut bytes = Vec::new();
-    match std::fs::File::open(&file.path).and_then(|mut f| f.read_to_end(&mut bytes)) {
-        Ok(n) => *bytes_read += n as u64,
+    let read = std::fs::File::open(&file.path).and_then(|f| {
+        let len = f.metadata()?.len();
+        if len > max {
+            return Ok(Err(len));
+        }
+        // The file may grow after the stat: never read more than the cap allows.
+        f.take(max + 1).read_to_end(&mut bytes).map(Ok)
+    });
+    match read {
+        Ok(Ok(n)) if n as u64 > max => return reject(format!("grew past --max-file-bytes {max} while read")),
+        Ok(Ok(n)) => *bytes_read += n as u64,
+        Ok(Err(len)) => return reject(format!("{len} bytes, over --max-file-bytes {max}: not read")),
         Err(e) => return reject(format!("unreadable: {e}")),
     }
     let prepared = cae_pipeline::guard::catch_panic(|| prepare(bytes, opts))
