@@ -38,6 +38,7 @@ fn shard(path: &Path, bombs: usize) {
 
 /// Runs `pipeline preview` on `shard` and returns its peak RSS in bytes (wait4's rusage of
 /// that child alone).
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which std's Child cannot see
 fn preview_peak_rss(shard: &Path, out: &Path) -> u64 {
     let child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
         .args(["preview", "--workers", "2", "--shuffle-buffer", "1", "--n", "8", "--shards"])
