@@ -290,10 +290,7 @@ impl RunConfig {
                 return fail(format!("{key} = {value} is above its bound {max}"));
             }
         }
-        let h = &self.data.http;
-        if h.connect_timeout_s == 0 || h.read_timeout_s == 0 {
-            return fail("data.http.connect_timeout_s and read_timeout_s must be >= 1 (0 is no timeout)".into());
-        }
+        self.data.http.validate().map_err(CaeError::Config)?;
         self.model.validate()?;
         let (m, d) = (&self.model, &self.data);
         if d.augment.view_size != m.img_size {
