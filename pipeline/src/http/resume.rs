@@ -35,7 +35,7 @@ pub(super) struct Resume {
     total: Option<u64>,
 }
 
-fn header<'h>(h: &'h HeaderMap, name: reqwest::header::HeaderName) -> Option<&'h str> {
+fn header(h: &HeaderMap, name: reqwest::header::HeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
 }
 

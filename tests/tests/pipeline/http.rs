@@ -41,6 +41,11 @@ fn local_epoch(local: Vec<ShardSpec>) -> Vec<Fingerprint> {
     out
 }
 
+/// One epoch on one worker, no failed shard allowed.
+fn strict(http: HttpConfig) -> LoaderConfig {
+    LoaderConfig { epochs: Some(1), max_failed_shards: Some(0), http, ..cfg(1) }
+}
+
 /// The error a loader ends with (after any batches).
 fn final_error(c: LoaderConfig, specs: Vec<ShardSpec>) -> (LoaderError, u64) {
     let loader = Loader::new(c, specs, LoaderState::default()).unwrap();
@@ -117,13 +122,11 @@ fn a_404_fails_that_shard_at_once_naming_the_url() {
         HashMap::from([(names[2].clone(), Fault { status: Some((404, 99, None)), ..Fault::default() })]),
     );
     let (remote, _) = remote_and_local(&server, &dir);
-    let mut c = LoaderConfig { epochs: Some(1), max_failed_shards: Some(0), ..cfg(1) };
-    c.http = fast(5);
-    let (e, failed) = final_error(c, remote);
+    let (e, failed) = final_error(strict(fast(5)), remote);
     let url = format!("http://{}/{}", server.addr, names[2]);
     match &e {
         LoaderError::ShardsFailed { failed, last, .. } => {
-            assert_eq!(failed, &[url.clone()]);
+            assert_eq!(failed, std::slice::from_ref(&url));
             assert!(last.contains("404") && last.contains(&url), "{last}");
         }
         other => panic!("expected ShardsFailed, got {other}"),
@@ -142,9 +145,12 @@ fn a_dead_http_shard_fails_after_the_configured_tries_and_is_counted() {
     let dead = Fault { status: Some((503, usize::MAX, None)), ..Fault::default() };
     let server = serve(dir.clone(), HashMap::from([(names[1].clone(), dead)]));
     let (remote, _) = remote_and_local(&server, &dir);
-    let mut c = LoaderConfig { epochs: Some(1), max_failed_shards: Some(1), ..cfg(1) };
-    c.http = fast(3);
-    let loader = Loader::new(c.clone(), remote.clone(), LoaderState::default()).unwrap();
+    let loader = Loader::new(
+        LoaderConfig { max_failed_shards: Some(1), ..strict(fast(3)) },
+        remote.clone(),
+        LoaderState::default(),
+    )
+    .unwrap();
     let mut keys = Vec::new();
     while let Some(b) = loader.next_blocking() {
         keys.extend(b.unwrap().keys.clone());
@@ -153,7 +159,7 @@ fn a_dead_http_shard_fails_after_the_configured_tries_and_is_counted() {
     assert_eq!(loader.stats().shards_failed.load(Ordering::Relaxed), 1);
     assert_eq!(server.requests_for(&names[1]).len(), 4, "one try plus three retries");
     // With no failure allowed, the run stops saying why.
-    let (e, _) = final_error(LoaderConfig { max_failed_shards: Some(0), ..c }, remote);
+    let (e, _) = final_error(strict(fast(3)), remote);
     assert!(e.to_string().contains("503") && e.to_string().contains("failed 4 tries"), "{e}");
 }
 
@@ -187,9 +193,7 @@ fn a_resume_onto_a_changed_object_is_detected() {
     let changed = Fault { cut: Some(3000), change_etag: true, ..Fault::default() };
     let server = serve(dir.clone(), HashMap::from([(names[2].clone(), changed)]));
     let (remote, _) = remote_and_local(&server, &dir);
-    let mut c = LoaderConfig { epochs: Some(1), max_failed_shards: Some(0), ..cfg(1) };
-    c.http = fast(3);
-    let (e, failed) = final_error(c, remote);
+    let (e, failed) = final_error(strict(fast(3)), remote);
     assert!(e.to_string().contains("ETag \"v1\" -> \"v2\""), "{e}");
     assert_eq!(failed, 1);
     assert_eq!(server.requests_for(&names[2]).len(), 2, "detected on the first resume, not retried");
