@@ -159,8 +159,21 @@ enum FetchError {
 }
 use FetchError::{Fatal, Retry};
 
-fn network(e: impl std::fmt::Display) -> FetchError {
-    Retry { kind: "network", msg: e.to_string(), retry_after: None }
+/// A reqwest error with its causes ("error sending request: ... Connection refused"), without
+/// the URL (the caller names it once).
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut msg = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        msg = format!("{msg}: {c}");
+        cause = c.source();
+    }
+    msg
+}
+
+fn network(e: reqwest::Error) -> FetchError {
+    Retry { kind: "network", msg: describe(e), retry_after: None }
 }
 
 async fn stream(client: reqwest::Client, url: String, tx: async_channel::Sender<io::Result<Bytes>>, cfg: HttpConfig) {
@@ -218,8 +231,7 @@ async fn fetch_from(
     } else {
         sent.await
     };
-    let mut resp =
-        resp.map_err(|e| if e.is_builder() || e.is_redirect() { Fatal(e.to_string()) } else { network(e) })?;
+    let mut resp = resp.map_err(|e| if e.is_builder() || e.is_redirect() { Fatal(describe(e)) } else { network(e) })?;
     let status = resp.status();
     match retry::classify(status) {
         Verdict::Read => {}
