@@ -208,6 +208,9 @@ async fn stream(client: reqwest::Client, url: String, tx: async_channel::Sender<
             wait.as_secs_f64()
         );
         tokio::time::sleep(wait).await;
+        if tx.is_closed() {
+            return; // the reader went away while we waited
+        }
     }
 }
 
@@ -233,6 +236,9 @@ async fn fetch_from(
     };
     let mut resp = resp.map_err(|e| if e.is_builder() || e.is_redirect() { Fatal(describe(e)) } else { network(e) })?;
     let status = resp.status();
+    if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE && dl.resume.complete_at(dl.offset) {
+        return Ok(()); // the last try broke after the last byte
+    }
     match retry::classify(status) {
         Verdict::Read => {}
         Verdict::Retry => {

@@ -61,6 +61,12 @@ impl Resume {
         h
     }
 
+    /// Whether `offset` bytes are the whole object (a `416` to a resume from there means the
+    /// previous try had in fact delivered everything).
+    pub(super) fn complete_at(&self, offset: u64) -> bool {
+        offset > 0 && self.total == Some(offset)
+    }
+
     /// Checks a 2xx response to a request from `offset`; returns how many leading body bytes to
     /// skip (already delivered).
     pub(super) fn accept(&mut self, offset: u64, status: StatusCode, h: &HeaderMap) -> Result<u64, ObjectChanged> {
@@ -173,6 +179,7 @@ mod tests {
         assert_eq!(r.accept(300, StatusCode::PARTIAL_CONTENT, &ok), Ok(0));
         let again = headers(&[("etag", "\"v1\""), ("content-length", "1000")]);
         assert_eq!(r.accept(300, StatusCode::OK, &again), Ok(300), "range ignored: skip what we have");
+        assert!(r.complete_at(1000) && !r.complete_at(999) && !Resume::default().complete_at(1000));
         // No validator at all: the length decides.
         let mut r = started(&[("content-length", "1000")]);
         assert_eq!(r.accept(10, StatusCode::OK, &headers(&[("content-length", "1000")])), Ok(10));
