@@ -12,10 +12,12 @@
 //! - [`augment`]: flip + one RandomResizedCrop box -> 224 bicubic and 112 Lanczos views (spec §1).
 //! - [`mask`]: the block-wise mask generator (spec §1.1).
 //! - [`batch`]: the `Batch` contract and normalisation; [`loader`]: the threads; [`metrics`]: names.
+//! - [`bench`]: the decode-only baseline `pipeline bench` compares against.
 //! - [`eval`]: every sample once, in order, resized + centre-cropped (the test transform), for features.
 
 pub mod augment;
 pub mod batch;
+pub mod bench;
 pub mod decode;
 pub mod eval;
 #[cfg(test)]
