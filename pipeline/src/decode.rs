@@ -11,6 +11,9 @@ use zune_core::options::DecoderOptions;
 use zune_jpeg::errors::DecodeErrors;
 use zune_jpeg::{JpegDecoder, NeverCancel, SampleRatios};
 
+mod orient;
+pub use orient::{exif_orientation, orient};
+
 /// Largest accepted image side (pixels). ImageNet's largest is under 5000.
 pub const MAX_SIDE: usize = 16384;
 
@@ -158,6 +161,10 @@ pub fn decode_jpeg_into(bytes: &[u8], strict: bool, out: &mut RgbImage) -> Resul
 /// polling differs), the decode resumes to the end. Progressive images are decoded whole (their
 /// rows exist only after the last scan).
 ///
+/// An EXIF orientation other than 1 is applied: `rows_for` gets the upright size, the image is
+/// decoded whole and turned, and the upright size is returned (third-party shards; ours are
+/// stored upright).
+///
 /// Unlike [`decode_jpeg_into`], corruption below the rows decoded goes unnoticed;
 /// `sharder build` and `sharder verify` decode every image whole.
 pub fn decode_jpeg_rows_into(
@@ -180,6 +187,18 @@ pub fn decode_jpeg_rows_capped(
     rows_for: impl FnOnce(usize, usize) -> usize,
 ) -> Result<(usize, usize), DecodeError> {
     decode_rows_with(bytes, strict, max_pixels, out, rows_for, POLLS_PER_MCU_ROW).map(|(w, h, _resumed)| (w, h))
+}
+
+/// Decodes a whole JPEG, turned upright by its EXIF orientation, with the pixel cap of
+/// [`decode_jpeg_rows_capped`] (which also applies the orientation). For readers that want the
+/// picture as shown (evaluation, features); the sharder keeps stored pixels and orients itself.
+pub fn decode_jpeg_upright_into(
+    bytes: &[u8],
+    strict: bool,
+    max_pixels: usize,
+    out: &mut RgbImage,
+) -> Result<(), DecodeError> {
+    decode_rows_with(bytes, strict, max_pixels, out, |_, h| h, POLLS_PER_MCU_ROW).map(|_| ())
 }
 
 /// Checks a size read from a header against [`MAX_SIDE`] and `max_pixels`.
@@ -242,6 +261,18 @@ fn decode_rows_with(
     polls_per_row: usize,
 ) -> Result<(usize, usize, bool), DecodeError> {
     let (mut dec, w, h) = start(bytes, strict, max_pixels, out)?;
+    let corrupt = |e: DecodeErrors| DecodeError::Corrupt(e.to_string());
+    let orientation = dec.exif().and_then(|e| exif_orientation(e)).unwrap_or(1);
+    if orientation != 1 {
+        // EXIF-rotated (third-party shards; ours are stored upright): the caller's rows are
+        // rows of the upright image, so decode whole and turn it.
+        let (uw, uh) = if orientation >= 5 { (h, w) } else { (w, h) };
+        rows_for(uw, uh);
+        dec.decode_into(&mut out.pixels).map_err(corrupt)?;
+        (out.width, out.height) = (w, h);
+        *out = orient(std::mem::take(out), orientation);
+        return Ok((uw, uh, false));
+    }
     let want = rows_for(w, h).min(h);
     let info = dec.info().ok_or_else(|| DecodeError::Corrupt("no frame header".into()))?;
     // One-component images decode in 8-row MCUs whatever their sampling factors say.
@@ -251,7 +282,6 @@ fn decode_rows_with(
         SampleRatios::Generic(_, v) => v.max(1),
         SampleRatios::H | SampleRatios::None => 1,
     };
-    let corrupt = |e: DecodeErrors| DecodeError::Corrupt(e.to_string());
     let (mut rows, mut resumed) = (h, false);
     if info.sof.is_sequential_dct() && want + mcu_rows < h {
         let polls = AtomicUsize::new(0);
@@ -303,35 +333,6 @@ fn start<'a>(
     Ok((dec, w, h))
 }
 
-/// Reads the Orientation tag (0x0112) from a raw EXIF block (with or without the `Exif\0\0`
-/// prefix). Returns `None` when absent or malformed.
-pub fn exif_orientation(exif: &[u8]) -> Option<u8> {
-    let tiff = exif.strip_prefix(b"Exif\0\0").unwrap_or(exif);
-    let big = match tiff.get(0..2)? {
-        b"MM" => true,
-        b"II" => false,
-        _ => return None,
-    };
-    let u16_at = |o: usize| -> Option<u16> {
-        let b: [u8; 2] = tiff.get(o..o + 2)?.try_into().ok()?;
-        Some(if big { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) })
-    };
-    let u32_at = |o: usize| -> Option<u32> {
-        let b: [u8; 4] = tiff.get(o..o + 4)?.try_into().ok()?;
-        Some(if big { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) })
-    };
-    let ifd = u32_at(4)? as usize;
-    let count = u16_at(ifd)? as usize;
-    for i in 0..count.min(256) {
-        let e = ifd + 2 + i * 12;
-        if u16_at(e)? == 0x0112 {
-            let v = u16_at(e + 8)?;
-            return (1..=8).contains(&v).then_some(v as u8);
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
@@ -345,18 +346,6 @@ mod tests {
         assert_eq!(Format::sniff(b"<html>"), Format::Unknown);
         assert_eq!(decode_jpeg(b"", true), Err(DecodeError::Empty));
         assert_eq!(decode_jpeg(b"\x89PNG\r\n\x1a\n", true), Err(DecodeError::NotJpeg(Format::Png)));
-    }
-
-    #[test]
-    fn exif_orientation_both_endians() {
-        let be =
-            [b"Exif\0\0MM\0\x2a\0\0\0\x08".to_vec(), vec![0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0]]
-                .concat();
-        assert_eq!(exif_orientation(&be), Some(6));
-        let le =
-            [b"II\x2a\0\x08\0\0\0".to_vec(), vec![1, 0, 0x12, 0x01, 3, 0, 1, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0]].concat();
-        assert_eq!(exif_orientation(&le), Some(3));
-        assert_eq!(exif_orientation(b"garbage"), None);
     }
 
     #[test]

@@ -291,8 +291,13 @@ fn process(job: &Job, img: &mut RgbImage, cropper: &mut CenterCropper) -> Outcom
         kind: "missing_image",
         ..bad(&sample.key, format!("no image member (.{})", IMAGE_EXTS.join(", .")))
     })?;
-    decode::decode_other_into(bytes, image_format(ext), decode::DEFAULT_MAX_PIXELS, img)
-        .map_err(|e| bad(&sample.key, e.to_string()))?;
+    let max = decode::DEFAULT_MAX_PIXELS;
+    match image_format(ext) {
+        // Upright by its EXIF orientation, as the loader sees it.
+        decode::Format::Jpeg => decode::decode_jpeg_upright_into(bytes, true, max, img),
+        format => decode::decode_other_into(bytes, format, max, img),
+    }
+    .map_err(|e| bad(&sample.key, e.to_string()))?;
     let mut image = vec![0u8; 3 * cropper.size * cropper.size];
     cropper.apply(img, &mut image).map_err(|e| bad(&sample.key, e))?;
     Ok(Good { image, label, key: sample.key.clone() })

@@ -2,37 +2,102 @@
 //!
 //! A tokio task streams the response body in chunks into a bounded channel; the shard reader
 //! consumes it through [`ChannelReader`] (a plain `Read`), so a shard is parsed while it
-//! downloads and never held whole. A broken connection is retried with exponential backoff,
-//! continuing from the byte already received (`Range: bytes=N-`; when the server ignores ranges
-//! the first N bytes of the new response are skipped). After `retries` failures in a row the
-//! reader returns an error: the loader counts the shard as failed and goes on.
+//! downloads and never held whole.
+//!
+//! Failures: a broken connection, a timeout, a download slower than `low_speed_bytes_per_s` over
+//! `low_speed_time_s` (curl's low-speed limit: a server dripping a byte every 20 s cannot hold a
+//! reader for ever), and the statuses 408, 429 and 5xx are retried, after an exponential backoff
+//! with jitter or the server's `Retry-After` ([`retry`]). Every other status (404, 403, ...) fails
+//! the shard at once, with the status in the error. A retry continues from the byte reached
+//! (`Range` + `If-Range`), checked so that two versions of an object are never spliced
+//! ([`resume`]). After `retries` failed tries in a row the reader returns an error: the loader
+//! counts the shard as failed and goes on (or stops, past `max_failed_shards`).
+//!
+//! TLS roots: `SSL_CERT_FILE`/`SSL_CERT_DIR`, else the system bundle plus the built-in roots
+//! ([`roots`]).
 
 use std::io::{self, Read};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
 use crate::metrics as m;
 
-/// HTTP behaviour.
+mod resume;
+mod retry;
+mod roots;
+
+use resume::Resume;
+use retry::Verdict;
+
+/// HTTP behaviour (`data.http.*` in the trainer's run config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Failed reads retried per shard before it is skipped.
+    /// Failed tries in a row retried before the shard fails (tries = retries + 1). A try that
+    /// delivered a low-speed window's worth of bytes resets the count.
     pub retries: u32,
-    /// First backoff; doubled after each failure.
+    /// First backoff step; doubled after each failure up to `backoff_max_s`. A random 50-100 % of
+    /// the step is waited (jitter).
     pub backoff_ms: u64,
+    /// Cap of the backoff step, seconds.
+    pub backoff_max_s: f64,
+    /// Longest `Retry-After` honoured (a longer one is waited this long), seconds.
+    pub retry_after_max_s: f64,
     pub connect_timeout_s: u64,
     /// A read that delivers nothing for this long fails (and is retried).
     pub read_timeout_s: u64,
+    /// Low-speed limit: a download that receives fewer than `low_speed_bytes_per_s x
+    /// low_speed_time_s` bytes in any `low_speed_time_s` window (waiting for response headers
+    /// included) is dropped and resumed with a range request. 0 turns the limit off.
+    pub low_speed_bytes_per_s: u64,
+    pub low_speed_time_s: f64,
     /// Chunks buffered per shard download (bounds memory: ~ chunk size × this).
     pub queue_chunks: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { retries: 3, backoff_ms: 200, connect_timeout_s: 10, read_timeout_s: 30, queue_chunks: 64 }
+        Self {
+            retries: 8,
+            backoff_ms: 500,
+            backoff_max_s: 30.0,
+            retry_after_max_s: 120.0,
+            connect_timeout_s: 10,
+            read_timeout_s: 30,
+            low_speed_bytes_per_s: 1024,
+            low_speed_time_s: 60.0,
+            queue_chunks: 64,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Refuses values that would never time out, loop for ever or overflow a `Duration`.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.connect_timeout_s == 0 || self.read_timeout_s == 0 {
+            return Err("data.http.connect_timeout_s and read_timeout_s must be >= 1 (0 is no timeout)".into());
+        }
+        for (key, v) in [
+            ("backoff_max_s", self.backoff_max_s),
+            ("retry_after_max_s", self.retry_after_max_s),
+            ("low_speed_time_s", self.low_speed_time_s),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+                return Err(format!("data.http.{key} = {v} must be a number of seconds in (0, 86400]"));
+            }
+        }
+        if self.retries > 1000 || self.queue_chunks == 0 || self.queue_chunks > 1 << 20 {
+            return Err("data.http.retries must be <= 1000 and queue_chunks in 1..=1048576".into());
+        }
+        Ok(())
+    }
+
+    /// Bytes a try must deliver to reset the count of failures in a row.
+    fn progress_bytes(&self) -> u64 {
+        ((self.low_speed_bytes_per_s as f64 * self.low_speed_time_s) as u64).max(1)
     }
 }
 
@@ -45,13 +110,18 @@ pub struct HttpFetcher {
 
 impl HttpFetcher {
     pub fn new(cfg: &HttpConfig) -> io::Result<Self> {
+        cfg.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let rt =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("cae-io").enable_all().build()?;
-        let client = reqwest::Client::builder()
+        let src = roots::source(|k| std::env::var(k).ok());
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(cfg.connect_timeout_s))
             .read_timeout(Duration::from_secs(cfg.read_timeout_s))
-            .build()
-            .map_err(io::Error::other)?;
+            .tls_built_in_root_certs(src.built_in);
+        for cert in roots::load(&src).map_err(io::Error::other)? {
+            builder = builder.add_root_certificate(cert);
+        }
+        let client = builder.build().map_err(io::Error::other)?;
         Ok(Self { rt, client, cfg: cfg.clone() })
     }
 
@@ -61,94 +131,176 @@ impl HttpFetcher {
         self.rt.spawn(stream(self.client.clone(), url.to_string(), tx, self.cfg.clone()));
         ChannelReader { rx, cur: Bytes::new(), done: false }
     }
-}
 
-async fn stream(client: reqwest::Client, url: String, tx: async_channel::Sender<io::Result<Bytes>>, cfg: HttpConfig) {
-    let mut offset = 0u64;
-    let mut failures = 0u32;
-    loop {
-        match fetch_from(&client, &url, &mut offset, &tx).await {
-            Ok(()) => return,
-            Err(Fatal(e)) => {
-                let _ = tx.send(Err(io::Error::other(crate::redact::text(&format!("{url}: {e}"))))).await;
-                return;
-            }
-            Err(Retry(e, progressed)) => {
-                if progressed {
-                    failures = 0;
-                }
-                failures += 1;
-                ::metrics::counter!(m::HTTP_RETRIES).increment(1);
-                if failures > cfg.retries {
-                    let msg = format!(
-                        "{}: {e} (gave up after {} retries, {offset} bytes read)",
-                        crate::redact::url(&url),
-                        cfg.retries
-                    );
-                    let _ = tx.send(Err(io::Error::other(msg))).await;
-                    return;
-                }
-                let wait = cfg.backoff_ms.saturating_mul(1 << (failures - 1).min(10));
-                tracing::warn!(
-                    "{}: {e}; retry {failures}/{} from byte {offset} in {wait} ms",
-                    crate::redact::url(&url),
-                    cfg.retries
-                );
-                tokio::time::sleep(Duration::from_millis(wait)).await;
-            }
+    /// The whole body of `url` (a manifest), refused when longer than `max` bytes.
+    pub fn get(&self, url: &str, max: u64) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.open(url).take(max + 1).read_to_end(&mut out)?;
+        if out.len() as u64 > max {
+            return Err(io::Error::other(format!("{}: longer than {max} bytes", crate::redact::url(url))));
         }
+        Ok(out)
     }
 }
 
-/// A failure worth retrying (with whether any bytes arrived first), or one that is final.
+/// One download across its tries.
+struct Download {
+    url: String,
+    /// Bytes delivered to the reader so far.
+    offset: u64,
+    resume: Resume,
+}
+
+/// A failure worth retrying (with a label for the metric and the server's `Retry-After`), or one
+/// that fails the shard now.
 enum FetchError {
-    Retry(String, bool),
+    Retry { kind: &'static str, msg: String, retry_after: Option<Duration> },
     Fatal(String),
 }
 use FetchError::{Fatal, Retry};
 
+/// A reqwest error with its causes ("error sending request: ... Connection refused"), without
+/// the URL (the caller names it once).
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut msg = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        msg = format!("{msg}: {c}");
+        cause = c.source();
+    }
+    msg
+}
+
+fn network(e: reqwest::Error) -> FetchError {
+    Retry { kind: "network", msg: describe(e), retry_after: None }
+}
+
+async fn stream(client: reqwest::Client, url: String, tx: async_channel::Sender<io::Result<Bytes>>, cfg: HttpConfig) {
+    let mut dl = Download { url, offset: 0, resume: Resume::default() };
+    let mut failures = 0u32;
+    let shown = crate::redact::url(&dl.url);
+    loop {
+        let before = dl.offset;
+        let (kind, e, retry_after) = match fetch_from(&client, &mut dl, &tx, &cfg).await {
+            Ok(()) => return,
+            Err(Fatal(e)) => {
+                let _ = tx.send(Err(io::Error::other(crate::redact::text(&format!("{shown}: {e}"))))).await;
+                return;
+            }
+            Err(Retry { kind, msg, retry_after }) => (kind, crate::redact::text(&msg), retry_after),
+        };
+        if dl.offset - before >= cfg.progress_bytes() {
+            failures = 0;
+        }
+        failures += 1;
+        ::metrics::counter!(m::HTTP_RETRIES, "kind" => kind).increment(1);
+        if failures > cfg.retries || tx.is_closed() {
+            let msg = format!("{shown}: {e} (failed {failures} tries in a row, {} bytes read)", dl.offset);
+            let _ = tx.send(Err(io::Error::other(msg))).await;
+            return;
+        }
+        let wait = retry::delay(&cfg, &dl.url, failures, retry_after);
+        tracing::warn!(
+            "{shown}: {e}; retry {failures}/{} from byte {} in {:.1} s",
+            cfg.retries,
+            dl.offset,
+            wait.as_secs_f64()
+        );
+        tokio::time::sleep(wait).await;
+        if tx.is_closed() {
+            return; // the reader went away while we waited
+        }
+    }
+}
+
+/// One try: a request from `dl.offset`, its body streamed into `tx` until the end.
 async fn fetch_from(
     client: &reqwest::Client,
-    url: &str,
-    offset: &mut u64,
+    dl: &mut Download,
     tx: &async_channel::Sender<io::Result<Bytes>>,
+    cfg: &HttpConfig,
 ) -> Result<(), FetchError> {
-    let mut req = client.get(url);
-    if *offset > 0 {
-        req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+    let window = Duration::from_secs_f64(cfg.low_speed_time_s);
+    let limited = cfg.low_speed_bytes_per_s > 0;
+    let need = cfg.low_speed_bytes_per_s as f64 * cfg.low_speed_time_s;
+    let mut req = client.get(&dl.url);
+    for (name, value) in dl.resume.request_headers(dl.offset) {
+        req = req.header(name, value);
     }
-    let mut resp = req.send().await.map_err(|e| Retry(e.to_string(), false))?;
+    let sent = req.send();
+    let resp = if limited {
+        tokio::time::timeout(window, sent).await.map_err(|_| low_speed(0, window, cfg))?
+    } else {
+        sent.await
+    };
+    let mut resp = resp.map_err(|e| if e.is_builder() || e.is_redirect() { Fatal(describe(e)) } else { network(e) })?;
     let status = resp.status();
-    if status.is_client_error() {
-        return Err(Fatal(format!("HTTP {status}")));
+    if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE && dl.resume.complete_at(dl.offset) {
+        return Ok(()); // the last try broke after the last byte
     }
-    if !status.is_success() {
-        return Err(Retry(format!("HTTP {status}"), false));
+    match retry::classify(status) {
+        Verdict::Read => {}
+        Verdict::Retry => {
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
+            return Err(Retry { kind: "status", msg: format!("HTTP {status}"), retry_after });
+        }
+        Verdict::Fatal => return Err(Fatal(format!("HTTP {status}"))),
     }
-    // The server ignored the range: skip what we already have.
-    let mut skip = if *offset > 0 && status != reqwest::StatusCode::PARTIAL_CONTENT { *offset } else { 0 };
-    let mut progressed = false;
+    let mut skip = dl.resume.accept(dl.offset, status, resp.headers()).map_err(|e| Fatal(e.to_string()))?;
+    let (mut win_start, mut win_bytes) = (Instant::now(), 0u64);
     loop {
-        let chunk = match resp.chunk().await {
-            Ok(Some(c)) => c,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(Retry(e.to_string(), progressed)),
-        };
-        let chunk = if skip > 0 {
-            let n = (skip as usize).min(chunk.len());
-            skip -= n as u64;
-            chunk.slice(n..)
+        let next = if limited {
+            tokio::time::timeout_at(win_start + window, resp.chunk()).await.ok()
         } else {
-            chunk
+            Some(resp.chunk().await)
         };
-        if chunk.is_empty() {
-            continue;
+        if let Some(next) = next {
+            let chunk = match next {
+                Ok(Some(c)) => c,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(network(e)),
+            };
+            win_bytes += chunk.len() as u64;
+            let chunk = if skip > 0 {
+                let n = (skip as usize).min(chunk.len());
+                skip -= n as u64;
+                chunk.slice(n..)
+            } else {
+                chunk
+            };
+            if !chunk.is_empty() {
+                dl.offset += chunk.len() as u64;
+                let blocked = Instant::now();
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return Ok(()); // the reader went away (shard skipped or loader stopped)
+                }
+                // Time spent waiting for the consumer is not the server's slowness.
+                win_start += blocked.elapsed();
+            }
         }
-        *offset += chunk.len() as u64;
-        progressed = true;
-        if tx.send(Ok(chunk)).await.is_err() {
-            return Ok(()); // the reader went away (shard skipped or loader stopped)
+        if limited && Instant::now() >= win_start + window {
+            if (win_bytes as f64) < need {
+                return Err(low_speed(win_bytes, window, cfg));
+            }
+            (win_start, win_bytes) = (Instant::now(), 0);
         }
+    }
+}
+
+fn low_speed(bytes: u64, window: Duration, cfg: &HttpConfig) -> FetchError {
+    Retry {
+        kind: "low_speed",
+        msg: format!(
+            "{bytes} bytes in {:.1} s, below the low-speed limit of {} B/s; reconnecting",
+            window.as_secs_f64(),
+            cfg.low_speed_bytes_per_s
+        ),
+        retry_after: None,
     }
 }
 

@@ -14,11 +14,13 @@
 //! - [`batch`]: the `Batch` contract and normalisation; [`loader`]: the threads; [`metrics`]: names.
 //! - [`ordered_map`]: the bounded ordered parallel map the loader, the eval reader and the sharder
 //!   run on; [`bad_sample`]: how a bad sample is reported.
+//! - [`bench`]: the decode-only baseline `pipeline bench` compares against.
 //! - [`eval`]: every sample once, in order, resized + centre-cropped (the test transform), for features.
 
 pub mod augment;
 pub mod bad_sample;
 pub mod batch;
+pub mod bench;
 pub mod decode;
 pub mod eval;
 #[cfg(test)]

@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
-use cae_pipeline::wds::{IMAGE_EXT, SampleReader};
-use cae_pipeline::{Loader, LoaderConfig, LoaderState, decode, source};
+use anyhow::Context;
+use cae_pipeline::{Loader, LoaderConfig, LoaderState, source};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -114,6 +113,7 @@ fn peak_rss_bytes() -> u64 {
 fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> anyhow::Result<()> {
     let shards = source::expand(&args.shards)?;
     let cfg = args.config(batch_size);
+    let cfg_http = cfg.http.clone();
     let workers = cfg.worker_count();
     let (buffer, buffer_bytes) = (cfg.shuffle_buffer, cfg.shuffle_buffer_bytes);
     let loader = Loader::new(cfg, shards.clone(), LoaderState::default())?;
@@ -160,7 +160,11 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
 
     // Decode alone, one thread, on the images of the same shards: as many as the pipeline
     // delivered (so the mean image size is the same; at most 4096 held in memory at once).
-    let (dec_ips, dec_n) = decode_only_rate(&shards, (batches * batch_size).clamp(512, 4096))?;
+    // Remote shards are fetched again into memory first: only the decoding is timed.
+    let jpgs = cae_pipeline::bench::sample_jpegs(&shards, &cfg_http, (batches * batch_size).clamp(512, 4096))
+        .map_err(anyhow::Error::msg)?;
+    let (dec_ips, dec_n) = cae_pipeline::bench::decode_only_rate(&jpgs);
+    drop(jpgs);
     let ratio = per_core / dec_ips;
     if json {
         let j = serde_json::json!({
@@ -198,7 +202,9 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
             "  memory bound: {bound} decoded samples in flight (peak {peak_in_flight}), shuffle buffer {buffer} samples / {:.0} MiB",
             buffer_bytes as f64 / (1 << 20) as f64
         );
-        println!("zune-jpeg decode only (1 thread, {dec_n} images of the same shards): {dec_ips:.1} images/s");
+        println!(
+            "zune-jpeg decode only (1 thread, {dec_n} images of the same shards, in memory): {dec_ips:.1} images/s"
+        );
         println!("ratio pipeline per core / decode only: {ratio:.2}");
         if s1.bad > 0 {
             println!("bad samples skipped: {}", s1.bad);
@@ -232,37 +238,6 @@ fn snapshot(l: &Loader) -> Snap {
         decoded_rows: s.decoded_rows.load(Ordering::Relaxed),
         image_rows: s.image_rows.load(Ordering::Relaxed),
     }
-}
-
-/// Decodes up to `max` images of the first local shards, whole, on one thread: images per second.
-fn decode_only_rate(shards: &[source::ShardSpec], max: usize) -> anyhow::Result<(f64, usize)> {
-    let mut jpgs = Vec::new();
-    for s in shards.iter().filter(|s| !s.is_http()) {
-        let f = std::fs::File::open(&s.url).with_context(|| format!("opening {}", s.url))?;
-        for sample in SampleReader::new(std::io::BufReader::new(f)).flatten() {
-            if let Some(b) = sample.get(IMAGE_EXT) {
-                jpgs.push(b.to_vec());
-            }
-            if jpgs.len() >= max {
-                break;
-            }
-        }
-        if jpgs.len() >= max {
-            break;
-        }
-    }
-    if jpgs.is_empty() {
-        bail!("no local images to measure decoding on");
-    }
-    // Two timed passes, the faster counts: on a busy machine this keeps the ratio conservative.
-    let mut img = decode::RgbImage::default();
-    let (mut ok, mut best) = (0usize, f64::INFINITY);
-    for _ in 0..2 {
-        let t = Instant::now();
-        ok = jpgs.iter().filter(|j| decode::decode_jpeg_into(j, true, &mut img).is_ok()).count();
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    Ok((ok as f64 / best, ok))
 }
 
 fn preview(args: &LoaderArgs, out: &PathBuf, n: usize) -> anyhow::Result<()> {

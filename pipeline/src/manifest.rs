@@ -87,8 +87,14 @@ impl Manifest {
         let file = if path.is_dir() { path.join(MANIFEST_FILE) } else { path.to_path_buf() };
         let p = file.display().to_string();
         let text = std::fs::read_to_string(&file).map_err(|source| ManifestError::Io { path: p.clone(), source })?;
+        Self::parse(&text, &p)
+    }
+
+    /// Parses and checks a manifest's text; `origin` (its path or URL) names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Manifest, ManifestError> {
+        let p = origin.to_string();
         let m: Manifest =
-            serde_json::from_str(&text).map_err(|source| ManifestError::Parse { path: p.clone(), source })?;
+            serde_json::from_str(text).map_err(|source| ManifestError::Parse { path: p.clone(), source })?;
         if m.format != MANIFEST_FORMAT {
             return Err(ManifestError::Format { path: p, found: m.format });
         }

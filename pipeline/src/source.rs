@@ -1,11 +1,17 @@
 //! Where shards come from: local paths, `http(s)://` URLs, brace patterns
 //! (`train-{000000..001281}.tar`, `{a,b}`), and directories holding a `manifest.json` (which also
-//! gives each shard's sample count, so the epoch length is known up front). Several sources can
-//! be joined with `::` (webdataset's convention).
+//! gives each shard's sample count, so the epoch length is known up front), local or remote
+//! (`http://host/shards/manifest.json`, or the URL of the directory ending in `/`). Several sources
+//! can be joined with `::` (webdataset's convention); a `::` inside an IPv6 literal
+//! (`http://[::1]:8080/x.tar`) does not split.
 
 use std::path::Path;
 
+use crate::http::{HttpConfig, HttpFetcher};
 use crate::manifest::{MANIFEST_FILE, Manifest};
+
+/// Largest remote manifest read (ImageNet's 1282 shards take ~200 KB).
+const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
 /// One shard to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,9 +22,13 @@ pub struct ShardSpec {
     pub samples: Option<u64>,
 }
 
+fn is_url(s: &str) -> bool {
+    s.starts_with("http://") || s.starts_with("https://")
+}
+
 impl ShardSpec {
     pub fn is_http(&self) -> bool {
-        self.url.starts_with("http://") || self.url.starts_with("https://")
+        is_url(&self.url)
     }
     /// Short name for logs (the file name).
     pub fn name(&self) -> &str {
@@ -33,17 +43,36 @@ pub enum SourceError {
     Pattern { pattern: String, message: String },
     #[error(transparent)]
     Manifest(#[from] crate::manifest::ManifestError),
+    /// A remote manifest could not be fetched (after the HTTP retries).
+    #[error("fetching manifest {url}: {message}")]
+    Remote { url: String, message: String },
     #[error("no shards in {0:?}")]
     Empty(String),
 }
 
-/// Expands a source string into shards.
+/// Expands a source string into shards; remote manifests are fetched with the default
+/// [`HttpConfig`]. Call it outside any tokio runtime (it may start one).
 pub fn expand(source: &str) -> Result<Vec<ShardSpec>, SourceError> {
+    expand_with(source, &HttpConfig::default())
+}
+
+/// [`expand`], fetching remote manifests with `http`'s retries and timeouts.
+pub fn expand_with(source: &str, http: &HttpConfig) -> Result<Vec<ShardSpec>, SourceError> {
     let mut out = Vec::new();
-    for part in source.split("::").filter(|p| !p.is_empty()) {
+    let mut fetcher: Option<HttpFetcher> = None;
+    for part in split_sources(source) {
         let path = Path::new(part);
-        let is_url = part.starts_with("http://") || part.starts_with("https://");
-        if !is_url && (path.is_dir() || part.ends_with(MANIFEST_FILE)) {
+        if is_url(part) {
+            if let Some(url) = remote_manifest_url(part) {
+                if fetcher.is_none() {
+                    let f = HttpFetcher::new(http).map_err(|e| remote_error(&url, e))?;
+                    fetcher = Some(f);
+                }
+                out.extend(remote_manifest(&url, fetcher.as_ref().ok_or_else(|| remote_error(&url, "no client"))?)?);
+            } else {
+                out.extend(expand_braces(part)?.into_iter().map(|url| ShardSpec { url, samples: None }));
+            }
+        } else if path.is_dir() || part.ends_with(MANIFEST_FILE) {
             let dir =
                 if path.is_dir() { path.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
             let m = Manifest::load(path)?;
@@ -51,17 +80,73 @@ pub fn expand(source: &str) -> Result<Vec<ShardSpec>, SourceError> {
                 url: dir.join(&s.name).to_string_lossy().into_owned(),
                 samples: Some(s.digest.samples),
             }));
-        } else if is_url && part.ends_with(MANIFEST_FILE) {
-            return Err(SourceError::Pattern {
-                pattern: part.into(),
-                message: "remote manifests are not supported yet; list the shard URLs with a brace pattern".into(),
-            });
         } else {
             out.extend(expand_braces(part)?.into_iter().map(|url| ShardSpec { url, samples: None }));
         }
     }
     if out.is_empty() {
         return Err(SourceError::Empty(source.into()));
+    }
+    Ok(out)
+}
+
+/// Splits at `::` outside square brackets (an IPv6 literal's `::` stays).
+fn split_sources(source: &str) -> Vec<&str> {
+    let b = source.as_bytes();
+    let (mut out, mut depth, mut start, mut i) = (Vec::new(), 0u32, 0, 0);
+    while i < b.len() {
+        match b[i] {
+            b'[' => depth += 1,
+            b']' => depth = depth.saturating_sub(1),
+            b':' if depth == 0 && b.get(i + 1) == Some(&b':') => {
+                out.push(&source[start..i]);
+                i += 2;
+                start = i;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out.push(&source[start..]);
+    out.retain(|p| !p.is_empty());
+    out
+}
+
+/// The manifest URL a URL source names: one whose path ends in `/manifest.json`, or a directory
+/// URL (path ending in `/`, no brace pattern) with `manifest.json` added.
+fn remote_manifest_url(part: &str) -> Option<url::Url> {
+    if part.contains('{') {
+        return None;
+    }
+    let mut u = url::Url::parse(part).ok()?;
+    let path = u.path().to_string();
+    if path.ends_with(&format!("/{MANIFEST_FILE}")) {
+        Some(u)
+    } else if path.ends_with('/') {
+        u.set_path(&format!("{path}{MANIFEST_FILE}"));
+        Some(u)
+    } else {
+        None
+    }
+}
+
+fn remote_error(url: &url::Url, e: impl std::fmt::Display) -> SourceError {
+    SourceError::Remote { url: crate::redact::url(url.as_str()), message: crate::redact::text(&e.to_string()) }
+}
+
+/// Fetches a remote manifest: its shards sit next to it (same scheme, host and directory; the
+/// manifest URL's query string, if any, is kept on each).
+fn remote_manifest(url: &url::Url, fetcher: &HttpFetcher) -> Result<Vec<ShardSpec>, SourceError> {
+    let body = fetcher.get(url.as_str(), MAX_MANIFEST_BYTES).map_err(|e| remote_error(url, e))?;
+    let text = String::from_utf8(body).map_err(|e| remote_error(url, e))?;
+    let m = Manifest::parse(&text, &crate::redact::url(url.as_str()))?;
+    let mut out = Vec::with_capacity(m.shards.len());
+    for s in &m.shards {
+        let mut u = url.clone();
+        u.set_fragment(None);
+        u.path_segments_mut().map_err(|()| remote_error(url, "URL cannot have a path"))?.pop().push(&s.name);
+        out.push(ShardSpec { url: u.into(), samples: Some(s.digest.samples) });
     }
     Ok(out)
 }
@@ -119,5 +204,27 @@ mod tests {
         assert_eq!(urls.len(), 3);
         assert!(urls[0].is_http() && !urls[2].is_http());
         assert_eq!(urls[1].name(), "s-1.tar");
+    }
+
+    #[test]
+    fn ipv6_literals_are_not_split_at_their_colons() {
+        assert_eq!(split_sources("a.tar::b.tar"), ["a.tar", "b.tar"]);
+        assert_eq!(split_sources("::a.tar::::b.tar::"), ["a.tar", "b.tar"]);
+        let urls = expand("http://[::1]:8080/s-{0..1}.tar::http://[fe80::1%25lo]/x.tar::local.tar").unwrap();
+        let urls: Vec<&str> = urls.iter().map(|s| s.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            ["http://[::1]:8080/s-0.tar", "http://[::1]:8080/s-1.tar", "http://[fe80::1%25lo]/x.tar", "local.tar"]
+        );
+    }
+
+    #[test]
+    fn remote_manifest_urls_are_recognised() {
+        let m = |s: &str| remote_manifest_url(s).map(String::from);
+        assert_eq!(m("http://h/d/manifest.json").as_deref(), Some("http://h/d/manifest.json"));
+        assert_eq!(m("https://[::1]:9/d/").as_deref(), Some("https://[::1]:9/d/manifest.json"));
+        assert_eq!(m("http://h/d/manifest.json?sig=1").as_deref(), Some("http://h/d/manifest.json?sig=1"));
+        assert_eq!(m("http://h/d/x.tar"), None);
+        assert_eq!(m("http://h/{a,b}/"), None);
     }
 }

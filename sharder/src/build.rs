@@ -59,6 +59,9 @@ fn test_hook(var: &str) -> Option<u64> {
     std::env::var(var).ok().and_then(|v| v.parse().ok())
 }
 
+/// Rejections warned about one line each before they are summarised per shard.
+const WARN_EACH: u64 = 10;
+
 /// Everything `sharder build` needs.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -75,6 +78,8 @@ pub struct BuildOptions {
     pub workers: usize,
     pub validate: Validate,
     pub max_side: Option<u32>,
+    /// Input files larger than this are rejected before they are read.
+    pub max_file_bytes: u64,
     pub resume: bool,
     pub force: bool,
     pub strict: bool,
@@ -97,6 +102,7 @@ impl BuildOptions {
             workers: default_workers(),
             validate: Validate::Decode,
             max_side: None,
+            max_file_bytes: crate::process::DEFAULT_MAX_FILE_BYTES,
             resume: false,
             force: false,
             strict: false,
@@ -159,6 +165,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
     if opts.resume {
         if let Some(m) = finished_manifest(opts, &plan)? {
             tracing::info!("{} is already complete ({} shards)", opts.output.display(), m.shards.len());
+            if opts.strict && m.rejected > 0 {
+                return Err(ShardError::Strict(m.rejected));
+            }
             return Ok(report_from_manifest(&m, start));
         }
         done = read_journal(&journal_path, &plan, &opts.output)?;
@@ -178,6 +187,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
         done,
         pending_rejected: Vec::new(),
         pending_converted: 0,
+        warned: 0,
         // Test hooks exist only in test builds (feature `test-hooks`, which the tests enable).
         crash_after: test_hook(CRASH_ENV),
         hang_after: test_hook(HANG_ENV),
@@ -186,7 +196,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
     };
 
     let pb = progress_bar(opts.progress, n - next_input);
-    let popts = ProcessOptions { validate: opts.validate, max_side: opts.max_side };
+    let popts =
+        ProcessOptions { validate: opts.validate, max_side: opts.max_side, max_file_bytes: opts.max_file_bytes };
     let todo: Vec<usize> = order[next_input as usize..].to_vec();
     let mut bytes_read = 0u64;
     let workers = opts.workers.max(1);
@@ -238,6 +249,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
     writer.close_shard(n)?;
     pb.finish_and_clear();
 
+    // With --strict and a rejection, finish() writes rejected.tsv but no manifest.
     let manifest = writer.finish(&listing, n)?;
     let seconds = start.elapsed().as_secs_f64();
     let report = BuildReport {
@@ -252,9 +264,6 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
         seconds,
         resumed_shards,
     };
-    if opts.strict && report.rejected > 0 {
-        return Err(ShardError::Strict(report.rejected));
-    }
     Ok(report)
 }
 
@@ -296,17 +305,33 @@ fn list_input(opts: &BuildOptions) -> Result<InputListing, ShardError> {
 }
 
 /// Digest of everything that determines the output, so `--resume` refuses a changed run.
+/// Each input file's size and modification time are part of it (a file replaced in place
+/// changes the plan), and so is the tool's version (another version may write other bytes).
 fn plan_digest(opts: &BuildOptions, listing: &InputListing) -> String {
     let mut h = Sha256::new();
     h.update(format!(
-        "v1 seed={} max_samples={} max_bytes={} prefix={} validate={:?} max_side={:?}\n",
-        opts.seed, opts.shard_max_samples, opts.shard_max_bytes, opts.prefix, opts.validate, opts.max_side
+        "v2 sharder={} seed={} max_samples={} max_bytes={} prefix={} validate={:?} max_side={:?} max_file_bytes={}\n",
+        env!("CARGO_PKG_VERSION"),
+        opts.seed,
+        opts.shard_max_samples,
+        opts.shard_max_bytes,
+        opts.prefix,
+        opts.validate,
+        opts.max_side,
+        opts.max_file_bytes
     ));
     for c in &listing.classes {
         h.update(format!("class {c}\n"));
     }
     for f in &listing.files {
-        h.update(format!("file {}\t{:?}\t{}\n", f.rel_path, f.class_index, f.key));
+        let stat = match fs::metadata(&f.path) {
+            Ok(m) => {
+                let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                format!("{} {}", m.len(), mtime.map_or(0, |d| d.as_nanos()))
+            }
+            Err(e) => format!("unreadable {:?}", e.kind()),
+        };
+        h.update(format!("file {}\t{:?}\t{}\t{stat}\n", f.rel_path, f.class_index, f.key));
     }
     hex::encode(h.finalize())
 }
@@ -497,6 +522,8 @@ struct OrderedWriter<'a> {
     done: Vec<Done>,
     pending_rejected: Vec<(String, String)>,
     pending_converted: u64,
+    /// Rejections warned about one by one so far (then summarised per shard).
+    warned: u64,
     crash_after: Option<u64>,
     hang_after: Option<u64>,
     completed_here: u64,
@@ -588,7 +615,14 @@ impl OrderedWriter<'_> {
     fn accept(&mut self, out: Outcome, input_pos: u64) -> Result<(), ShardError> {
         match out {
             Outcome::Rejected { rel_path, reason } => {
-                tracing::warn!("rejected {rel_path}: {reason}");
+                self.warned += 1;
+                if self.warned <= WARN_EACH {
+                    tracing::warn!("rejected {rel_path}: {reason}");
+                } else if self.warned == WARN_EACH + 1 {
+                    tracing::warn!(
+                        "more rejections: from now on summarised per shard (every one is in {REJECTED_FILE})"
+                    );
+                }
                 self.pending_rejected.push((rel_path, reason));
                 Ok(())
             }
@@ -651,6 +685,10 @@ impl OrderedWriter<'_> {
         let entry = ShardEntry { name: cur.name, digest };
         let rejected = std::mem::take(&mut self.pending_rejected);
         let converted = std::mem::take(&mut self.pending_converted);
+        if self.warned > WARN_EACH && !rejected.is_empty() {
+            let (path, reason) = &rejected[0];
+            tracing::warn!("{}: {} inputs rejected (first: {path}: {reason})", entry.name, rejected.len());
+        }
         let line = JournalLine::Shard { shard: entry.clone(), next_input, converted, rejected: rejected.clone() };
         let mut journal_line = serde_json::to_string(&line).unwrap_or_default();
         journal_line.push('\n');
@@ -685,6 +723,11 @@ impl OrderedWriter<'_> {
             tsv.push_str(&format!("{p}\t{}\n", r.replace(['\t', '\n'], " ")));
         }
         write_atomic(&out.join(REJECTED_FILE), tsv.as_bytes())?;
+        if self.opts.strict && !rejected.is_empty() {
+            // No manifest: the shards are not a finished data set. The journal stays, so a
+            // build without --strict (--resume) can still finish it.
+            return Err(ShardError::Strict(rejected.len() as u64));
+        }
         let manifest = Manifest {
             format: MANIFEST_FORMAT.into(),
             prefix: self.opts.prefix.clone(),

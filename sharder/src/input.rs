@@ -20,6 +20,8 @@ pub struct InputFile {
     pub class_index: Option<usize>,
     /// Stable, unique, dot-free sample key (`n01440764_10026`).
     pub key: String,
+    /// Why this entry cannot be read (a symlink loop), found while listing: a rejection.
+    pub problem: Option<String>,
 }
 
 /// The listed input: files in sorted order and the class list.
@@ -36,26 +38,53 @@ pub fn walk_class_folders(root: &Path) -> Result<InputListing, ShardError> {
     if !meta.is_dir() {
         return Err(ShardError::Input { path: root.to_path_buf(), message: "not a directory".into() });
     }
-    let mut entries: Vec<(String, PathBuf, Option<String>)> = Vec::new();
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut problems: HashMap<String, String> = HashMap::new();
     for entry in walkdir::WalkDir::new(root).follow_links(true).min_depth(1).sort_by_file_name() {
-        let entry = entry.map_err(|e| ShardError::Input {
-            path: e.path().map(Path::to_path_buf).unwrap_or_else(|| root.to_path_buf()),
-            message: e.to_string(),
-        })?;
+        let entry = match entry {
+            Ok(entry) => entry,
+            // A symlink that points back to one of its own ancestors: a rejected entry (listed
+            // in rejected.tsv), not the end of the build.
+            Err(e) if e.loop_ancestor().is_some() => {
+                let (Some(path), Some(ancestor)) = (e.path(), e.loop_ancestor()) else { continue };
+                let (rel_str, class) = relative(root, path);
+                problems.insert(rel_str.clone(), format!("symlink loop: points back to {}", ancestor.display()));
+                entries.push((rel_str, path.to_path_buf(), class));
+                continue;
+            }
+            Err(e) => {
+                return Err(ShardError::Input {
+                    path: e.path().map(Path::to_path_buf).unwrap_or_else(|| root.to_path_buf()),
+                    message: e.to_string(),
+                });
+            }
+        };
         if !entry.file_type().is_file() {
             continue;
         }
-        let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
-        let rel_str = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
-        let class = if rel.components().count() >= 2 {
-            rel.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned())
-        } else {
-            None
-        };
+        let (rel_str, class) = relative(root, entry.path());
         entries.push((rel_str, entry.path().to_path_buf(), class));
     }
     let classes: BTreeSet<String> = entries.iter().filter_map(|(_, _, c)| c.clone()).collect();
-    Ok(assemble(entries, classes.into_iter().collect()))
+    let mut listing = assemble(entries, classes.into_iter().collect());
+    for f in &mut listing.files {
+        f.problem = problems.remove(&f.rel_path);
+    }
+    Ok(listing)
+}
+
+/// A listed path, relative with `/` separators, and its class (first folder, if nested).
+type Entry = (String, PathBuf, Option<String>);
+
+fn relative(root: &Path, path: &Path) -> (String, Option<String>) {
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    let rel_str = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+    let class = if rel.components().count() >= 2 {
+        rel.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned())
+    } else {
+        None
+    };
+    (rel_str, class)
 }
 
 /// Reads a `relative/path<TAB>class` list (ImageNet val style). Paths are relative to `root`.
@@ -126,7 +155,7 @@ fn assemble(entries: Vec<(String, PathBuf, Option<String>)>, classes: Vec<String
         }
         used.insert(key.clone());
         let class_index = class.as_deref().and_then(|c| index.get(c).copied());
-        files.push(InputFile { rel_path, path, class, class_index, key });
+        files.push(InputFile { rel_path, path, class, class_index, key, problem: None });
     }
     InputListing { files, classes }
 }

@@ -78,13 +78,17 @@ struct BuildArgs {
     /// Re-encode images whose longer side exceeds N pixels (cuts decode cost later).
     #[arg(long, value_name = "N")]
     max_side: Option<u32>,
+    /// Reject input files larger than this many bytes, from their size, without reading them.
+    #[arg(long, default_value_t = cae_sharder::process::DEFAULT_MAX_FILE_BYTES)]
+    max_file_bytes: u64,
     /// Keep complete shards of an interrupted run and finish the rest.
     #[arg(long, conflicts_with = "force")]
     resume: bool,
     /// Overwrite an existing output.
     #[arg(long)]
     force: bool,
-    /// Exit non-zero if any input file is rejected.
+    /// Exit non-zero if any input file is rejected; then no manifest.json is written (the shards
+    /// are not a finished set), also on --resume.
     #[arg(long)]
     strict: bool,
 }
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(code) => code,
@@ -118,6 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 workers: a.workers.unwrap_or_else(cae_sharder::build::default_workers),
                 validate: a.validate,
                 max_side: a.max_side,
+                max_file_bytes: a.max_file_bytes,
                 resume: a.resume,
                 force: a.force,
                 strict: a.strict,

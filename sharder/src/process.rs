@@ -12,7 +12,7 @@
 
 use std::io::Read;
 
-use cae_pipeline::decode::{self, DecodeError, Format, JpegInfo, RgbImage};
+use cae_pipeline::decode::{self, DecodeError, Format, JpegInfo, RgbImage, orient};
 use fast_image_resize::images::Image;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
@@ -38,7 +38,13 @@ pub enum Validate {
 pub struct ProcessOptions {
     pub validate: Validate,
     pub max_side: Option<u32>,
+    /// Input files larger than this are rejected from their size, before they are read.
+    pub max_file_bytes: u64,
 }
+
+/// Default `--max-file-bytes`: the loader's default `data.max_member_bytes`, so nothing the
+/// sharder writes is skipped by the loader.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 << 20;
 
 /// What was done to an accepted file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -98,9 +104,23 @@ pub fn process(file: &InputFile, opts: &ProcessOptions, bytes_read: &mut u64) ->
     let (Some(class), Some(class_index)) = (&file.class, file.class_index) else {
         return reject("not inside a class folder".into());
     };
+    if let Some(problem) = &file.problem {
+        return reject(problem.clone());
+    }
+    let max = opts.max_file_bytes;
     let mut bytes = Vec::new();
-    match std::fs::File::open(&file.path).and_then(|mut f| f.read_to_end(&mut bytes)) {
-        Ok(n) => *bytes_read += n as u64,
+    let read = std::fs::File::open(&file.path).and_then(|f| {
+        let len = f.metadata()?.len();
+        if len > max {
+            return Ok(Err(len));
+        }
+        // The file may grow after the stat: never read more than the cap allows.
+        f.take(max + 1).read_to_end(&mut bytes).map(Ok)
+    });
+    match read {
+        Ok(Ok(n)) if n as u64 > max => return reject(format!("grew past --max-file-bytes {max} while read")),
+        Ok(Ok(n)) => *bytes_read += n as u64,
+        Ok(Err(len)) => return reject(format!("{len} bytes, over --max-file-bytes {max}: not read")),
         Err(e) => return reject(format!("unreadable: {e}")),
     }
     let prepared = cae_pipeline::guard::catch_panic(|| prepare(bytes, opts))
@@ -205,70 +225,13 @@ fn resize_to_fit(img: &RgbImage, max_side: u32) -> Result<RgbImage, String> {
     Ok(RgbImage { width: nw as usize, height: nh as usize, pixels: dst.into_vec() })
 }
 
-/// Applies an EXIF orientation (1..=8) so the result is upright.
-pub fn orient(img: RgbImage, orientation: u8) -> RgbImage {
-    if !(2..=8).contains(&orientation) {
-        return img;
-    }
-    let (w, h) = (img.width, img.height);
-    let swap = orientation >= 5;
-    let (ow, oh) = if swap { (h, w) } else { (w, h) };
-    let mut out = vec![0u8; w * h * 3];
-    for oy in 0..oh {
-        for ox in 0..ow {
-            // Source coordinates for output pixel (ox, oy).
-            let (sx, sy) = match orientation {
-                2 => (w - 1 - ox, oy),
-                3 => (w - 1 - ox, h - 1 - oy),
-                4 => (ox, h - 1 - oy),
-                5 => (oy, ox),
-                6 => (oy, h - 1 - ox),
-                7 => (w - 1 - oy, h - 1 - ox),
-                _ => (w - 1 - oy, ox), // 8
-            };
-            let s = (sy * w + sx) * 3;
-            let d = (oy * ow + ox) * 3;
-            out[d..d + 3].copy_from_slice(&img.pixels[s..s + 3]);
-        }
-    }
-    RgbImage { width: ow, height: oh, pixels: out }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn img(w: usize, h: usize) -> RgbImage {
-        // pixel value encodes its position: (x, y, 0)
         let pixels = (0..h).flat_map(|y| (0..w).flat_map(move |x| [x as u8, y as u8, 0])).collect();
         RgbImage { width: w, height: h, pixels }
-    }
-    fn at(i: &RgbImage, x: usize, y: usize) -> (u8, u8) {
-        let p = (y * i.width + x) * 3;
-        (i.pixels[p], i.pixels[p + 1])
-    }
-
-    #[test]
-    fn orientation_6_rotates_clockwise() {
-        // Orientation 6: the stored image must be rotated 90° clockwise to display upright.
-        // Then the stored bottom-left pixel (0, h-1) lands at the displayed top-left.
-        let i = img(3, 2);
-        let o = orient(i, 6);
-        assert_eq!((o.width, o.height), (2, 3));
-        assert_eq!(at(&o, 0, 0), (0, 1));
-        assert_eq!(at(&o, 1, 0), (0, 0));
-        assert_eq!(at(&o, 0, 2), (2, 1));
-    }
-
-    #[test]
-    fn orientations_3_and_8() {
-        let o = orient(img(3, 2), 3);
-        assert_eq!(at(&o, 0, 0), (2, 1));
-        // 8: rotate 90° counter-clockwise: stored top-right (w-1, 0) goes to displayed top-left.
-        let o = orient(img(3, 2), 8);
-        assert_eq!((o.width, o.height), (2, 3));
-        assert_eq!(at(&o, 0, 0), (2, 0));
-        assert_eq!(at(&o, 1, 2), (0, 1));
     }
 
     #[test]

@@ -52,3 +52,33 @@ fn unreadable_input_is_a_clear_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("/nonexistent/imagenet/train"), "{err}");
 }
+
+/// Bad samples are warned about one line each only up to a limit, then summarised per shard;
+/// rejected.tsv still lists every one.
+#[test]
+fn rejection_warnings_are_rate_limited_with_a_per_shard_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = generate(tmp.path(), &FixtureSpec { classes: 2, per_class: 6, seed: 1, odd_files: true, max_side: 200 })
+        .unwrap();
+    let class_dir = fx.train_dir.join(cae_tools::fixtures::wnid(0));
+    for i in 0..40 {
+        std::fs::write(class_dir.join(format!("junk_{i}.JPEG")), b"not an image").unwrap();
+    }
+    let out = tmp.path().join("shards");
+    let o = sharder()
+        .args(["build", "--shard-max-samples", "4", "--input"])
+        .arg(&fx.train_dir)
+        .arg("--output")
+        .arg(&out)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let each = err.lines().filter(|l| l.contains("rejected n0") && !l.contains("inputs rejected")).count();
+    let summaries = err.lines().filter(|l| l.contains("inputs rejected (first: ")).count();
+    assert_eq!(each, 10, "{err}");
+    assert!(summaries >= 1, "{err}");
+    let tsv = std::fs::read_to_string(out.join("rejected.tsv")).unwrap();
+    assert_eq!(tsv.lines().count() - 1, 43, "every rejection is listed: {tsv}");
+}

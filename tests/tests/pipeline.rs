@@ -1,17 +1,19 @@
 //! End-to-end tests of the loader: generated images -> sharder -> pipeline batches.
 
-use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
 use cae_pipeline::source::{self, ShardSpec};
 use cae_pipeline::wds::ShardWriter;
 use cae_pipeline::{Batch, Loader, LoaderConfig, LoaderError, LoaderState};
 use cae_sharder::{BuildOptions, build};
 use cae_tools::fixtures::{FixtureSpec, generate};
+
+#[path = "pipeline/http.rs"]
+mod http;
+#[path = "pipeline/http_server.rs"]
+mod http_server;
 
 /// Shards of a small generated set (~46 samples in 6 shards of <= 8).
 fn shards(dir: &Path) -> PathBuf {
@@ -141,85 +143,6 @@ fn every_rank_yields_the_same_number_of_batches() {
     }
 }
 
-/// A tiny HTTP/1.1 file server on 127.0.0.1 with Range support and injectable faults.
-#[derive(Clone, Copy, Debug)]
-enum Fault {
-    /// Send this many body bytes of the first response, then drop the connection.
-    CutOnce(usize),
-    /// Always answer 503.
-    Dead,
-}
-
-struct Server {
-    addr: SocketAddr,
-    requests: Arc<Mutex<Vec<String>>>,
-}
-
-fn serve(dir: PathBuf, faults: HashMap<String, Fault>) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let requests = Arc::new(Mutex::new(Vec::new()));
-    let faults = Arc::new(Mutex::new(faults));
-    let log = requests.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let (dir, faults, log) = (dir.clone(), faults.clone(), log.clone());
-            std::thread::spawn(move || handle(stream, &dir, &faults, &log));
-        }
-    });
-    Server { addr, requests }
-}
-
-fn handle(mut s: TcpStream, dir: &Path, faults: &Mutex<HashMap<String, Fault>>, log: &Mutex<Vec<String>>) {
-    let mut reader = BufReader::new(s.try_clone().unwrap());
-    let mut first = String::new();
-    if reader.read_line(&mut first).is_err() {
-        return;
-    }
-    let mut range_start = 0usize;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
-            range_start = v.trim().trim_end_matches('-').parse().unwrap_or(0);
-        }
-    }
-    let name = first.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
-    log.lock().unwrap().push(format!("{name} from {range_start}"));
-    let fault = faults.lock().unwrap().get(&name).copied();
-    if let Some(Fault::Dead) = fault {
-        let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        return;
-    }
-    let Ok(data) = std::fs::read(dir.join(&name)) else {
-        let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        return;
-    };
-    let body = &data[range_start.min(data.len())..];
-    let head = if range_start > 0 {
-        format!(
-            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {}-{}/{}\r\nConnection: close\r\n\r\n",
-            body.len(),
-            range_start,
-            data.len() - 1,
-            data.len()
-        )
-    } else {
-        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
-    };
-    let _ = s.write_all(head.as_bytes());
-    if let Some(Fault::CutOnce(n)) = fault {
-        faults.lock().unwrap().remove(&name); // only the first response dies
-        let _ = s.write_all(&body[..n.min(body.len())]);
-        let _ = s.flush();
-        let _ = s.shutdown(std::net::Shutdown::Both);
-        return;
-    }
-    let _ = s.write_all(body);
-}
-
 fn shard_names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -228,50 +151,6 @@ fn shard_names(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-#[test]
-fn http_source_survives_a_server_dying_mid_shard() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = shards(tmp.path());
-    let names = shard_names(&dir);
-    let last = names.len() - 1;
-    // Every shard's first response dies part way through.
-    let faults = names.iter().map(|n| (n.clone(), Fault::CutOnce(3000))).collect();
-    let server = serve(dir.clone(), faults);
-    let pattern = format!("train-{{000000..{last:06}}}.tar");
-    let remote = source::expand(&format!("http://{}/{pattern}", server.addr)).unwrap();
-    let local = source::expand(dir.join(&pattern).to_str().unwrap()).unwrap();
-    assert!(remote.iter().all(|s| s.is_http() && s.samples.is_none()));
-    let c = LoaderConfig { epochs: Some(1), ..cfg(2) };
-    let over_http = run_all(c.clone(), remote, LoaderState::default());
-    let from_disk = run_all(c, local, LoaderState::default());
-    assert!(!from_disk.is_empty());
-    assert_eq!(over_http, from_disk, "HTTP with retries must give the same batches as local files");
-    let log = server.requests.lock().unwrap().clone();
-    assert!(log.iter().any(|r| r.ends_with("from 3000")), "retries continue from the byte reached: {log:?}");
-}
-
-#[test]
-fn a_dead_http_shard_is_skipped_and_counted() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = shards(tmp.path());
-    let names = shard_names(&dir);
-    let faults = HashMap::from([(names[1].clone(), Fault::Dead)]);
-    let server = serve(dir.clone(), faults);
-    let pattern = format!("http://{}/train-{{000000..{:06}}}.tar", server.addr, names.len() - 1);
-    let mut c = LoaderConfig { epochs: Some(1), max_failed_shards: Some(1), ..cfg(1) };
-    c.http.retries = 2;
-    c.http.backoff_ms = 10;
-    let loader = Loader::new(c, source::expand(&pattern).unwrap(), LoaderState::default()).unwrap();
-    let mut keys = Vec::new();
-    while let Some(b) = loader.next_blocking() {
-        keys.extend(b.unwrap().keys.clone());
-    }
-    assert!(!keys.is_empty(), "the other shards still deliver");
-    assert_eq!(loader.stats().shards_failed.load(Ordering::Relaxed), 1);
-    let dead_reqs = server.requests.lock().unwrap().iter().filter(|r| r.starts_with(&names[1])).count();
-    assert_eq!(dead_reqs, 3, "one try plus two retries");
 }
 
 #[test]

@@ -349,3 +349,69 @@ fn manifest_and_journal_shard_names_outside_the_folder_are_refused() {
     let e = build(&r).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(e.contains("../outside.tar") && e.contains("refused"), "resume: {e:?}");
 }
+
+/// `--strict` with a rejected input leaves no manifest (rejected.tsv says why) and holds on
+/// `--resume`, also over a finished non-strict build; without `--strict` the resume finishes it.
+#[test]
+fn strict_leaves_no_manifest_and_holds_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = fixtures(&tmp.path().join("in"), 2, 3);
+    let out = tmp.path().join("out");
+    let mut o = opts(&fx.train_dir, &out);
+    o.strict = true;
+    let e = build(&o).unwrap_err().to_string();
+    assert!(e.contains("3 input file(s) rejected") && e.contains("--strict"), "{e}");
+    assert!(!out.join("manifest.json").exists(), "a failed strict run leaves no manifest");
+    assert_eq!(std::fs::read_to_string(out.join("rejected.tsv")).unwrap().lines().count(), 4);
+    o.resume = true;
+    assert!(build(&o).is_err(), "strict holds on resume");
+    assert!(!out.join("manifest.json").exists());
+    o.strict = false;
+    let r = build(&o).expect("resume without --strict finishes the build");
+    assert_eq!(r.rejected, 3);
+    assert!(out.join("manifest.json").exists());
+    o.strict = true;
+    assert!(build(&o).unwrap_err().to_string().contains("--strict"), "strict over a finished build");
+}
+
+/// The resume plan covers each input's size and mtime: a file replaced in place (same name)
+/// makes `--resume` refuse instead of mixing old and new bytes.
+#[test]
+fn resume_refuses_an_input_changed_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = fixtures(&tmp.path().join("in"), 2, 3);
+    let out = tmp.path().join("out");
+    let mut o = opts(&fx.train_dir, &out);
+    build(&o).expect("build");
+    o.resume = true;
+    build(&o).expect("the same input resumes (already complete)");
+    let victim = fx.train_dir.join(&fx.files.iter().find(|f| f.odd.is_none()).unwrap().rel_path);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes.extend_from_slice(&[0u8; 16]);
+    std::fs::write(&victim, bytes).unwrap();
+    let e = build(&o).unwrap_err().to_string();
+    assert!(e.contains("other input or options"), "{e}");
+}
+
+/// A symlink loop in the input is one rejected entry naming the loop; the build goes on.
+/// Files over `--max-file-bytes` are rejected from their size.
+#[test]
+fn symlink_loops_and_oversized_files_are_rejected_entries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = fixtures(&tmp.path().join("in"), 2, 3);
+    let class_dir = fx.train_dir.join(cae_tools::fixtures::wnid(0));
+    std::os::unix::fs::symlink(&class_dir, class_dir.join("loop")).unwrap();
+    let big = fx.train_dir.join(cae_tools::fixtures::wnid(1)).join("big.JPEG");
+    std::fs::write(&big, vec![0xffu8; 300_000]).unwrap();
+    let out = tmp.path().join("out");
+    let mut o = opts(&fx.train_dir, &out);
+    o.max_file_bytes = 200_000;
+    let r = build(&o).expect("a loop does not abort the build");
+    let tsv = std::fs::read_to_string(out.join("rejected.tsv")).unwrap();
+    let loop_line = tsv.lines().find(|l| l.contains("/loop\t")).unwrap_or_else(|| panic!("{tsv}"));
+    assert!(loop_line.contains("symlink loop"), "{loop_line}");
+    let big_line = tsv.lines().find(|l| l.contains("big.JPEG")).unwrap_or_else(|| panic!("{tsv}"));
+    assert!(big_line.contains("300000 bytes, over --max-file-bytes 200000"), "{big_line}");
+    assert_eq!(r.samples + r.rejected, r.input_files);
+    assert_eq!(r.rejected, 5, "the 3 broken fixtures, the loop and the big file: {tsv}");
+}

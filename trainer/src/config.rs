@@ -290,10 +290,7 @@ impl RunConfig {
                 return fail(format!("{key} = {value} is above its bound {max}"));
             }
         }
-        let h = &self.data.http;
-        if h.connect_timeout_s == 0 || h.read_timeout_s == 0 {
-            return fail("data.http.connect_timeout_s and read_timeout_s must be >= 1 (0 is no timeout)".into());
-        }
+        self.data.http.validate().map_err(CaeError::Config)?;
         self.model.validate()?;
         let (m, d) = (&self.model, &self.data);
         if d.augment.view_size != m.img_size {
@@ -474,6 +471,19 @@ mod tests {
         let e = RunConfig::resolve(None, &["preset=tiny".into()]).unwrap_err();
         assert!(e.to_string().contains("dalle"), "{e}");
         assert!(RunConfig::resolve(None, &["nokey".into()]).is_err());
+        // HTTP values that would never time out or overflow a wait are refused, naming the key.
+        for (set, key) in [
+            ("data.http.read_timeout_s=0", "read_timeout_s"),
+            ("data.http.low_speed_time_s=0.0", "low_speed_time_s"),
+            ("data.http.backoff_max_s=-1.0", "backoff_max_s"),
+            ("data.http.retry_after_max_s=nan", "retry_after_max_s"),
+        ] {
+            let e = RunConfig::resolve(None, &[set.into()]).unwrap_err();
+            assert!(e.to_string().contains(key), "{set}: {e}");
+        }
+        let c = RunConfig::resolve(None, &["data.http.low_speed_time_s=0.5".into(), "data.http.retries=2".into()]);
+        let h = c.unwrap().data.http;
+        assert_eq!((h.low_speed_time_s, h.retries, h.low_speed_bytes_per_s), (0.5, 2, 1024));
     }
 
     #[test]

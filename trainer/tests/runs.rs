@@ -349,3 +349,28 @@ fn resume_falls_back_past_a_corrupt_newest_checkpoint() {
     assert!(text(&o).contains("skipping a corrupt checkpoint") && text(&o).contains("step-00000004.ckpt"));
     assert!(text(&o).contains("resuming from") && text(&o).contains("step 2"), "{}", text(&o));
 }
+
+/// A cut `.pth` (the case: `trainer export` of a cut mmselfsup backbone loaded zeros and
+/// exited 0) exits 1 naming a tensor of the cut storage, and writes nothing; the whole file exports.
+#[test]
+fn a_cut_torch_file_fails_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/cae_mmselfsup_micro_backbone_legacy.pth");
+    let bytes = std::fs::read(&golden).unwrap();
+    let cut = tmp.path().join("cut.pth");
+    std::fs::write(&cut, &bytes[..bytes.len() - 3000]).unwrap();
+    let export = |from: &Path, out: &Path| {
+        let a: Vec<String> = ["export", "--checkpoint", &from.to_string_lossy(), "--format", "timm", "--out"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([out.to_string_lossy().into_owned()])
+            .collect();
+        run(&a)
+    };
+    let whole = export(&golden, &tmp.path().join("whole.safetensors"));
+    assert!(whole.status.success(), "{}", text(&whole));
+    let o = export(&cut, &tmp.path().join("cut.safetensors"));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("cut.pth") && text(&o).contains("layers."), "{}", text(&o));
+    assert!(!tmp.path().join("cut.safetensors").exists());
+}

@@ -21,6 +21,7 @@ pub mod mmselfsup_weights;
 pub mod pos_embed;
 pub mod regressor;
 pub mod torch_file;
+pub mod torch_pickle;
 
 pub use cae::{
     Cae, CaeForward, CaeOutput, CaeTargets, MaskIndices, mask_index_tensors, mask_to_indices, pixel_targets,

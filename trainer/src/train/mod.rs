@@ -175,7 +175,7 @@ pub fn run<B: AutodiffBackend>(
     opts: &RunOptions,
     device: &B::Device,
 ) -> Result<RunSummary, CaeError> {
-    let shards = cae_pipeline::source::expand(&opts.shards)
+    let shards = cae_pipeline::source::expand_with(&opts.shards, &config.data.http)
         .map_err(|e| CaeError::Data(format!("{}: {e}", redact::source(&opts.shards))))?;
     run_from::<B>(config, opts, device, move |state| {
         let loader = Loader::new(config.data.clone(), shards, state).map_err(|e| CaeError::Data(e.to_string()))?;
