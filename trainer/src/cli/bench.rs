@@ -56,9 +56,9 @@ pub(super) fn bench_command(a: &BenchArgs) -> anyhow::Result<()> {
     let shards = match &a.shards {
         Some(s) => s.clone(),
         None if a.synthetic_only => String::new(),
-        None => {
-            builtin::ensure(&BuiltinData::under(&a.data_dir), &mut |l| println!("{l}"))?.to_string_lossy().into_owned()
-        }
+        None => builtin::ensure(&BuiltinData::photos_under(&a.data_dir), &mut |l| println!("{l}"))?
+            .to_string_lossy()
+            .into_owned(),
     };
     let scratch = std::env::temp_dir().join(format!("cae-bench-{}", std::process::id()));
     let flops = crate::flops::train_flops_per_image(&config.model);

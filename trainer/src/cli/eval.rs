@@ -240,7 +240,8 @@ pub struct LinearArgs {
     /// encoder's final LayerNorm.
     #[arg(long, default_value = "cls")]
     pub feature: String,
-    /// Training epochs of the classifier (for each learning rate tried, and the final fit).
+    /// Training epochs of the classifier (for each learning rate tried, and the final fit); a
+    /// small set gets more, to make at least 2000 optimizer steps per fit.
     #[arg(long, default_value_t = 50)]
     pub epochs: usize,
     /// Seed of the classifier's batch order and held-out split.

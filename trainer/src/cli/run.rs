@@ -52,7 +52,7 @@ pub struct RunArgs {
     /// Write a checkpoint every N steps (sets checkpoint.every).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// Root of the built-in data (data/builtin, data/builtin-shards).
+    /// Root of the built-in data (data/shapes, data/shapes-shards).
     #[arg(long, default_value = "data")]
     pub data_dir: PathBuf,
     /// No progress bar (loss lines are still printed).
