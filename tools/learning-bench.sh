@@ -28,7 +28,7 @@ tiny_steps=${TINY_STEPS:-"100 200"}
 corpus_images=${CORPUS_IMAGES:-1000}
 make_corpus=${MAKE_CORPUS:-$root/../shared/tools/make_corpus.py}
 work=${WORK:-$data/learning-bench}
-mkdir -p "$out" "$work"
+mkdir -p "$out" "$work/runs"
 
 cargo build --release -q -p cae-trainer -p cae-sharder
 bin=$root/target/release
