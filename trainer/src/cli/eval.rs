@@ -73,11 +73,11 @@ pub struct KnnArgs {
 /// The two sets of an evaluation and the output form (`eval knn`, `eval linear`).
 #[derive(Args, Debug)]
 pub struct EvalSets {
-    /// The labeled reference / training set (default: the built-in sample set, generated if
+    /// The labeled reference / training set (default: the built-in shapes set, generated if
     /// missing).
     #[arg(long)]
     pub train_shards: Option<String>,
-    /// The queries / evaluation set (default: the built-in validation set, generated if missing).
+    /// The queries / evaluation set (default: the built-in shapes validation set, generated if missing).
     #[arg(long)]
     pub val_shards: Option<String>,
     /// Root of the built-in data (for the defaults above).
