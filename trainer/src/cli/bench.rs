@@ -17,7 +17,8 @@ pub struct BenchArgs {
     /// Run config (default: the built-in micro config).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Shards for the pipeline phase (default: the built-in photo-like set, data/builtin-shards: ~500 px JPEGs, realistic decode costs).
+    /// Shards for the pipeline phase (default: the built-in photo-like set, data/builtin-shards:
+    /// ~500 px JPEGs, realistic decode costs).
     #[arg(long)]
     pub shards: Option<String>,
     /// cpu, cuda[:N], wgpu[:N] or wgpu:cpu.
