@@ -12,6 +12,10 @@
 //! in palette and wave orientation, so a representation can tell them apart. Sizes centre on
 //! 500x375 with a spread from ~100 px to ~2000 px. Everything follows from the seed: the same
 //! spec gives byte-identical files.
+//!
+//! [`generate_structured`] writes the same layout with the structured classes of
+//! [`crate::shapes`] (shape, layout and texture at random colours): the set where a random
+//! network's features fail and a learned representation must see shapes.
 
 use std::fmt;
 use std::fs;
@@ -21,6 +25,8 @@ use std::path::{Path, PathBuf};
 use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::shapes::{self, ShapeKind};
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -139,6 +145,8 @@ pub enum FixtureError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("encoding {path}: {message}")]
     Encode { path: PathBuf, message: String },
+    #[error("the structured set has {max} classes ({asked} asked)")]
+    TooManyClasses { asked: usize, max: usize },
 }
 
 /// ImageNet-style folder name of class `c` (`n` + 8 digits).
@@ -146,9 +154,27 @@ pub fn wnid(c: usize) -> String {
     format!("n{:08}", 1_000_000 + c * 7919)
 }
 
-/// Writes the sample set under `out` (created if missing). Existing files with the same names are
-/// overwritten; the result depends only on `spec`.
+/// Writes the photo-like sample set under `out` (created if missing). Existing files with the same
+/// names are overwritten; the result depends only on `spec`.
 pub fn generate(out: &Path, spec: &FixtureSpec) -> Result<Fixtures, FixtureError> {
+    generate_with(out, spec, &photo_like)
+}
+
+/// Writes the structured sample set under `out` ([`crate::shapes`]: class `c` is
+/// `ShapeKind::ALL[c]` at random colours, scales, positions and rotations; at most 10 classes).
+/// Same layout, sizes and odd files as [`generate`].
+pub fn generate_structured(out: &Path, spec: &FixtureSpec) -> Result<Fixtures, FixtureError> {
+    let max = ShapeKind::ALL.len();
+    if spec.classes > max {
+        return Err(FixtureError::TooManyClasses { asked: spec.classes, max });
+    }
+    generate_with(out, spec, &|rng, c, w, h| shapes::paint(rng, ShapeKind::ALL[c], w, h))
+}
+
+/// Draws the pixels of one image of class `c` at `w x h` (RGB, row-major).
+type Painter = dyn Fn(&mut ChaCha8Rng, usize, u32, u32) -> Vec<u8>;
+
+fn generate_with(out: &Path, spec: &FixtureSpec, paint: &Painter) -> Result<Fixtures, FixtureError> {
     let train_dir = out.join("train");
     let mut files = Vec::new();
     for c in 0..spec.classes {
@@ -158,7 +184,7 @@ pub fn generate(out: &Path, spec: &FixtureSpec) -> Result<Fixtures, FixtureError
         for n in 0..spec.per_class {
             let mut rng = ChaCha8Rng::seed_from_u64(mix(spec.seed, c as u64, n as u64));
             let (w, h) = draw_size(&mut rng, spec.max_side);
-            let rgb = photo_like(&mut rng, c, w, h);
+            let rgb = paint(&mut rng, c, w, h);
             let quality = rng.random_range(75..=95u8);
             let bytes = encode_rgb(&rgb, w, h, quality, |_| {})
                 .map_err(|message| FixtureError::Encode { path: dir.join(format!("{class}_{n}.JPEG")), message })?;
@@ -178,7 +204,7 @@ pub fn generate(out: &Path, spec: &FixtureSpec) -> Result<Fixtures, FixtureError
                 .map_err(|source| FixtureError::Io { path: path.clone(), source })?;
             let mut rng = ChaCha8Rng::seed_from_u64(mix(spec.seed ^ 0x0dd, c as u64, n as u64));
             let (w, h) = (rng.random_range(180..=320u32), rng.random_range(140..=260u32));
-            let rgb = photo_like(&mut rng, c, w, h);
+            let rgb = paint(&mut rng, c, w, h);
             let enc_err = |message| FixtureError::Encode { path: path.clone(), message };
             let (bytes, sw, sh) = match kind {
                 OddKind::Grayscale => {
@@ -404,6 +430,26 @@ mod tests {
             fs::read(fc.train_dir.join(first)).unwrap(),
             "another seed must give other pixels"
         );
+    }
+
+    #[test]
+    fn structured_set_is_deterministic_and_bounded() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let spec = FixtureSpec { classes: 10, per_class: 1, seed: 3, odd_files: true, max_side: 120 };
+        let fa = generate_structured(a.path(), &spec).unwrap();
+        let fb = generate_structured(b.path(), &spec).unwrap();
+        assert_eq!(fa.files.len(), 10 + OddKind::ALL.len());
+        for f in &fa.files {
+            let x = fs::read(fa.train_dir.join(&f.rel_path)).unwrap();
+            assert_eq!(x, fs::read(fb.train_dir.join(&f.rel_path)).unwrap(), "{}", f.rel_path);
+        }
+        // Other pixels than the photo-like set of the same spec.
+        let c = tempfile::tempdir().unwrap();
+        let fc = generate(c.path(), &spec).unwrap();
+        let first = &fa.files[0].rel_path;
+        assert_ne!(fs::read(fa.train_dir.join(first)).unwrap(), fs::read(fc.train_dir.join(first)).unwrap());
+        let err = generate_structured(c.path(), &FixtureSpec { classes: 11, ..spec }).unwrap_err();
+        assert!(matches!(err, FixtureError::TooManyClasses { asked: 11, max: 10 }), "{err}");
     }
 
     #[test]

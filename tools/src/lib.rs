@@ -3,6 +3,9 @@
 //! [`fixtures::generate`] writes the project's built-in sample set: a small ImageNet-style folder
 //! `train/<wnid>/<wnid>_<n>.JPEG` of photo-like images made deterministically from a seed, plus the
 //! odd files real ImageNet has (and worse). Tests, the README's first command and the benchmarks use
-//! it; nothing is downloaded.
+//! it; nothing is downloaded. [`fixtures::generate_structured`] writes the same layout with the
+//! classes of [`shapes`] (shape, layout and texture at random colours), the default built-in set
+//! of `trainer run`: random features do not separate it, learned ones must.
 
 pub mod fixtures;
+pub mod shapes;

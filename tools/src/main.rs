@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use cae_tools::fixtures::{FixtureSpec, generate};
+use cae_tools::fixtures::{FixtureSpec, generate, generate_structured};
 use clap::Parser;
 
 /// Write a deterministic ImageNet-style folder `OUT/train/<wnid>/<wnid>_<n>.JPEG` of photo-like
@@ -27,6 +27,10 @@ struct Args {
     /// Leave out the odd files.
     #[arg(long)]
     no_odd: bool,
+    /// The structured classes (shapes, layouts, textures at random colours; at most 10 classes)
+    /// instead of the photo-like ones.
+    #[arg(long)]
+    structured: bool,
     /// Largest image side.
     #[arg(long, default_value_t = 2000)]
     max_side: u32,
@@ -41,7 +45,8 @@ fn main() -> anyhow::Result<()> {
         odd_files: !args.no_odd,
         max_side: args.max_side,
     };
-    let fx = generate(&args.out, &spec).with_context(|| format!("generating fixtures in {}", args.out.display()))?;
+    let made = if args.structured { generate_structured(&args.out, &spec) } else { generate(&args.out, &spec) };
+    let fx = made.with_context(|| format!("generating fixtures in {}", args.out.display()))?;
     println!("wrote {} files under {}", fx.files.len(), fx.train_dir.display());
     Ok(())
 }

@@ -536,7 +536,9 @@ mod tests {
         assert!((t.peak_lr() - 1.5e-3 * 64.0 / 2048.0).abs() < 1e-15);
 
         let micro = RunConfig::resolve(Some(include_str!("../../configs/cae_micro.toml")), &[]).unwrap();
-        assert_eq!(micro.model, CaeConfig { target: TargetKind::Pixels, ..CaeConfig::micro() });
+        let recipe =
+            CaeConfig { target: TargetKind::Pixels, align_weight: 0.0, norm_pix_eps: 0.3, ..CaeConfig::micro() };
+        assert_eq!(micro.model, recipe);
         assert_eq!(micro.peak_lr(), 1.5e-3);
     }
 }

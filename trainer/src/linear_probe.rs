@@ -7,7 +7,8 @@
 //! Adam on softmax cross-entropy in mini-batches of 256, batches drawn from one seed. The
 //! learning rate is chosen from [`LR_GRID`] on a held-out fifth of the training split; the
 //! classifier is then trained again on the whole split with that rate and evaluated on the
-//! validation set (top-1, top-5).
+//! validation set (top-1, top-5). Every fit makes at least [`MIN_STEPS`] optimizer steps (more
+//! epochs than asked on a small set).
 
 use burn::module::{AutodiffModule, Module, Param};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
@@ -22,6 +23,16 @@ use crate::CaeError;
 /// Learning rates tried on the held-out part of the training split.
 pub const LR_GRID: [f64; 4] = [1e-3, 3e-3, 1e-2, 3e-2];
 const BATCH: usize = 256;
+/// Fewest optimizer steps of one fit: on a small set `epochs` alone would stop the classifier
+/// far from convergence (50 epochs of 1,000 samples are 200 steps), and an under-trained probe
+/// ranks representations by how fast they are fitted, not by what they hold.
+pub const MIN_STEPS: usize = 2000;
+
+/// Epochs of one fit on `n` samples: `epochs`, or more to make [`MIN_STEPS`] steps.
+fn epochs_for(epochs: usize, n: usize) -> usize {
+    let batches = n.div_ceil(BATCH).max(1);
+    epochs.max(MIN_STEPS.div_ceil(batches))
+}
 
 /// What the probe measured.
 #[derive(Clone, Debug, Serialize)]
@@ -31,6 +42,7 @@ pub struct ProbeResult {
     /// The learning rate chosen on the held-out split, and its held-out top-1.
     pub lr: f64,
     pub heldout_top1: f64,
+    /// Epochs of the final fit (the requested ones, or more to make [`MIN_STEPS`] steps).
     pub epochs: usize,
     pub train_samples: usize,
     pub val_samples: usize,
@@ -179,12 +191,13 @@ pub fn linear_probe<B: AutodiffBackend>(
     let (held, fit_set) = (tr.rows(held, d), tr.rows(fit_idx, d));
     let mut best = (f64::NEG_INFINITY, LR_GRID[0]);
     for lr in LR_GRID {
-        let m = fit::<B>(&fit_set, d, classes, lr, epochs, seed, device);
+        let m = fit::<B>(&fit_set, d, classes, lr, epochs_for(epochs, fit_set.y.len()), seed, device);
         let (t1, _) = accuracy(&m, &held, d, device)?;
         if t1 > best.0 {
             best = (t1, lr);
         }
     }
+    let epochs = epochs_for(epochs, tr.y.len());
     let model = fit::<B>(&tr, d, classes, best.1, epochs, seed, device);
     let (top1, top5) = accuracy(&model, &va, d, device)?;
     Ok(ProbeResult {

@@ -17,7 +17,8 @@ pub struct BenchArgs {
     /// Run config (default: the built-in micro config).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Shards for the pipeline phase (default: the built-in sample set).
+    /// Shards for the pipeline phase (default: the built-in photo-like set, data/builtin-shards:
+    /// ~500 px JPEGs, realistic decode costs).
     #[arg(long)]
     pub shards: Option<String>,
     /// cpu, cuda[:N], wgpu[:N] or wgpu:cpu.
@@ -56,9 +57,9 @@ pub(super) fn bench_command(a: &BenchArgs) -> anyhow::Result<()> {
     let shards = match &a.shards {
         Some(s) => s.clone(),
         None if a.synthetic_only => String::new(),
-        None => {
-            builtin::ensure(&BuiltinData::under(&a.data_dir), &mut |l| println!("{l}"))?.to_string_lossy().into_owned()
-        }
+        None => builtin::ensure(&BuiltinData::photos_under(&a.data_dir), &mut |l| println!("{l}"))?
+            .to_string_lossy()
+            .into_owned(),
     };
     let scratch = std::env::temp_dir().join(format!("cae-bench-{}", std::process::id()));
     let flops = crate::flops::train_flops_per_image(&config.model);

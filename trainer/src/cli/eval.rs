@@ -73,11 +73,11 @@ pub struct KnnArgs {
 /// The two sets of an evaluation and the output form (`eval knn`, `eval linear`).
 #[derive(Args, Debug)]
 pub struct EvalSets {
-    /// The labeled reference / training set (default: the built-in sample set, generated if
+    /// The labeled reference / training set (default: the built-in shapes set, generated if
     /// missing).
     #[arg(long)]
     pub train_shards: Option<String>,
-    /// The queries / evaluation set (default: the built-in validation set, generated if missing).
+    /// The queries / evaluation set (default: the built-in shapes validation set, generated if missing).
     #[arg(long)]
     pub val_shards: Option<String>,
     /// Root of the built-in data (for the defaults above).
@@ -240,7 +240,8 @@ pub struct LinearArgs {
     /// encoder's final LayerNorm.
     #[arg(long, default_value = "cls")]
     pub feature: String,
-    /// Training epochs of the classifier (for each learning rate tried, and the final fit).
+    /// Training epochs of the classifier (for each learning rate tried, and the final fit); a
+    /// small set gets more, to make at least 2000 optimizer steps per fit.
     #[arg(long, default_value_t = 50)]
     pub epochs: usize,
     /// Seed of the classifier's batch order and held-out split.

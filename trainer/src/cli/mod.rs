@@ -38,7 +38,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Pre-train (the default command). With no arguments: the micro preset on the built-in
-    /// sample set, on the CPU, for a few minutes.
+    /// shapes set, on the CPU, for about six minutes.
     Run(RunArgs),
     /// Export the pre-trained encoder of a checkpoint as safetensors (timm or mmselfsup names).
     Export(ExportArgs),

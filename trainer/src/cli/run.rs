@@ -24,7 +24,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Shards: a directory with manifest.json, a path, a brace pattern or URLs (joined by ::).
-    /// Default: the built-in sample set (generated and sharded under --data-dir if missing).
+    /// Default: the built-in shapes set (generated and sharded under --data-dir if missing).
     #[arg(long)]
     pub shards: Option<String>,
     /// Run directory (default: runs/<UTC timestamp>/; with --resume: the checkpoint's run).
@@ -52,7 +52,7 @@ pub struct RunArgs {
     /// Write a checkpoint every N steps (sets checkpoint.every).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// Root of the built-in data (data/builtin, data/builtin-shards).
+    /// Root of the built-in data (data/shapes, data/shapes-shards).
     #[arg(long, default_value = "data")]
     pub data_dir: PathBuf,
     /// No progress bar (loss lines are still printed).

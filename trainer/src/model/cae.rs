@@ -9,7 +9,7 @@ use super::encoder::{Encoder, copy_params_frozen, gather_tokens};
 use super::regressor::Regressor;
 use crate::CaeError;
 
-/// Weight λ of the alignment loss (spec §2.5).
+/// Weight λ of the alignment loss (spec §2.5); the default of `CaeConfig::align_weight`.
 pub const ALIGN_WEIGHT: f64 = 2.0;
 
 /// What the decoder is trained to predict, given for **every** patch (raster order); the model
@@ -38,7 +38,7 @@ pub struct CaeOutput<B: Backend> {
     pub loss: Tensor<B, 1>,
     /// Cross-entropy over the masked tokens (dalle) or MSE over masked pixels (pixels).
     pub loss_main: Tensor<B, 1>,
-    /// `2 · mean((latent_pred - latent_target)²)`, target detached.
+    /// `λ · mean((latent_pred - latent_target)²)`, target detached (λ = `align_weight`, 2).
     pub loss_align: Tensor<B, 1>,
 }
 
@@ -202,7 +202,7 @@ impl<B: Backend> Cae<B> {
                 (parts.prediction - target).powi_scalar(2).mean()
             }
         };
-        let loss_align = (parts.latent_pred - parts.latent_target).powi_scalar(2).mean() * ALIGN_WEIGHT;
+        let loss_align = (parts.latent_pred - parts.latent_target).powi_scalar(2).mean() * self.config.align_weight;
         Ok(CaeOutput { loss: loss_main.clone() + loss_align.clone(), loss_main, loss_align })
     }
 }
@@ -215,18 +215,40 @@ pub fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int
     picked.mean().neg()
 }
 
+/// The pixels of every patch, patchified as [`pixel_targets`] but not normalised (the target
+/// with `norm_pix_loss = false`).
+///
+/// # Shapes
+/// - images: `[b, 3, H, W]` -> `[b, N, patch²·3]`
+pub fn raw_pixel_targets<B: Backend>(images: Tensor<B, 4>, patch: usize) -> Tensor<B, 3> {
+    let [b, c, h, w] = images.dims();
+    let (gh, gw) = (h / patch, w / patch);
+    let x = images.detach().reshape([b, c, gh, patch, gw, patch]); // [b, c, gh, p, gw, p]
+    x.permute([0, 2, 4, 3, 5, 1]).reshape([b, gh * gw, patch * patch * c]) // [b, N, p²c]
+}
+
 /// MAE-style pixel target: patchify (per patch: row, col, channel order), then normalise every
 /// patch by its own mean and unbiased variance, `(x - μ)/√(σ² + 1e-6)`.
 ///
 /// # Shapes
 /// - images: `[b, 3, H, W]` -> `[b, N, patch²·3]`
 pub fn pixel_targets<B: Backend>(images: Tensor<B, 4>, patch: usize) -> Tensor<B, 3> {
-    let [b, c, h, w] = images.dims();
-    let (gh, gw) = (h / patch, w / patch);
-    let x = images.detach().reshape([b, c, gh, patch, gw, patch]); // [b, c, gh, p, gw, p]
-    let x = x.permute([0, 2, 4, 3, 5, 1]).reshape([b, gh * gw, patch * patch * c]); // [b, N, p²c]
+    pixel_targets_eps(images, patch, NORM_PIX_EPS)
+}
+
+/// MAE's variance floor of the per-patch normalisation (the default of `norm_pix_eps`).
+pub const NORM_PIX_EPS: f64 = 1e-6;
+
+/// [`pixel_targets`] with the variance floor `eps`: `(x - μ)/√(σ² + eps)`. A floor near the
+/// images' own variance (≈1 after the ImageNet normalisation) keeps a flat patch's noise from
+/// being blown up to unit variance (an unpredictable target).
+///
+/// # Shapes
+/// - images: `[b, 3, H, W]` -> `[b, N, patch²·3]`
+pub fn pixel_targets_eps<B: Backend>(images: Tensor<B, 4>, patch: usize, eps: f64) -> Tensor<B, 3> {
+    let x = raw_pixel_targets(images, patch); // [b, N, p²c]
     let (var, mean) = x.clone().var_mean(2); // [b, N, 1] each
-    (x - mean) / (var + 1e-6).sqrt() // [b, N, p²c]
+    (x - mean) / (var + eps).sqrt() // [b, N, p²c]
 }
 
 /// Turns host-side boolean masks (`true` = masked, raster order, `batch` rows of `num_patches`)

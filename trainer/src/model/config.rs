@@ -50,6 +50,29 @@ pub struct CaeConfig {
     pub target: TargetKind,
     /// The DALL-E tokenizer that produces the targets (spec §3); ignored for `pixels`.
     pub tokenizer: DalleConfig,
+    /// Weight λ of the alignment loss (spec §2.5: 2).
+    #[serde(default = "default_align_weight")]
+    pub align_weight: f64,
+    /// `pixels` target: normalise every target patch by its own mean and variance (MAE's
+    /// `norm_pix_loss`, the default) instead of predicting the normalised view's pixels as they
+    /// are.
+    #[serde(default = "default_norm_pix")]
+    pub norm_pix_loss: bool,
+    /// Variance floor of that normalisation, `(x - μ)/√(σ² + eps)` (MAE: 1e-6).
+    #[serde(default = "default_norm_pix_eps")]
+    pub norm_pix_eps: f64,
+}
+
+fn default_norm_pix_eps() -> f64 {
+    super::cae::NORM_PIX_EPS
+}
+
+fn default_align_weight() -> f64 {
+    super::cae::ALIGN_WEIGHT
+}
+
+fn default_norm_pix() -> bool {
+    true
 }
 
 impl CaeConfig {
@@ -71,6 +94,9 @@ impl CaeConfig {
             ln_eps: 1e-6,
             target: TargetKind::Dalle,
             tokenizer: DalleConfig::openai(),
+            align_weight: super::cae::ALIGN_WEIGHT,
+            norm_pix_loss: true,
+            norm_pix_eps: super::cae::NORM_PIX_EPS,
         }
     }
 
@@ -102,6 +128,9 @@ impl CaeConfig {
             ln_eps: 1e-6,
             target: TargetKind::Dalle,
             tokenizer: DalleConfig::micro(),
+            align_weight: super::cae::ALIGN_WEIGHT,
+            norm_pix_loss: true,
+            norm_pix_eps: super::cae::NORM_PIX_EPS,
         }
     }
 
@@ -158,6 +187,12 @@ impl CaeConfig {
         }
         if !(0.0..1.0).contains(&self.drop_path) {
             return fail(format!("drop_path {} must be in [0, 1)", self.drop_path));
+        }
+        if !(self.align_weight.is_finite() && self.align_weight >= 0.0) {
+            return fail(format!("align_weight {} must be >= 0", self.align_weight));
+        }
+        if !(self.norm_pix_eps.is_finite() && self.norm_pix_eps > 0.0) {
+            return fail(format!("norm_pix_eps {} must be > 0", self.norm_pix_eps));
         }
         if self.ln_eps.is_nan() || self.ln_eps <= 0.0 {
             return fail(format!("ln_eps {} must be > 0", self.ln_eps));

@@ -25,6 +25,7 @@ pub mod torch_pickle;
 
 pub use cae::{
     Cae, CaeForward, CaeOutput, CaeTargets, MaskIndices, mask_index_tensors, mask_to_indices, pixel_targets,
+    pixel_targets_eps, raw_pixel_targets,
 };
 pub use config::{CaeConfig, TargetKind};
 pub use dalle::{DalleConfig, DalleEncoder, map_pixels};

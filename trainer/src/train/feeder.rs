@@ -26,7 +26,7 @@ use cae_pipeline::{Batch, Loader, LoaderState};
 
 use crate::CaeError;
 use crate::config::RunConfig;
-use crate::model::{CaeTargets, DalleEncoder, TargetKind, map_pixels, pixel_targets};
+use crate::model::{CaeTargets, DalleEncoder, TargetKind, map_pixels, pixel_targets_eps, raw_pixel_targets};
 
 /// Ready batches queued ahead of the step loop.
 pub const DEPTH: usize = 2;
@@ -127,7 +127,10 @@ pub fn prepare<B: Backend>(
             CaeTargets::Tokens(tok.tokens(map_pixels(tv / 255.0))) // [b, N]
         }
         (TargetKind::Dalle, None) => return Err(CaeError::Config("dalle target without a tokenizer".into())),
-        (TargetKind::Pixels, _) => CaeTargets::Pixels(pixel_targets(images.clone(), c.patch_size)),
+        (TargetKind::Pixels, _) if c.norm_pix_loss => {
+            CaeTargets::Pixels(pixel_targets_eps(images.clone(), c.patch_size, c.norm_pix_eps))
+        }
+        (TargetKind::Pixels, _) => CaeTargets::Pixels(raw_pixel_targets(images.clone(), c.patch_size)),
     };
     Ok(DeviceBatch {
         images,

@@ -158,7 +158,7 @@ fn losses_equal_hand_computed_ce_plus_two_mse() {
     let tokens: Vec<i64> = (0..32).map(|i| (i * 97 % 512) as i64).collect();
     let targets = CaeTargets::Tokens(Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.clone(), [2, 16]), &dev));
     let out = model.forward(img.clone(), vis.clone(), msk.clone(), &targets).unwrap();
-    let parts = model.forward_parts(img, vis, msk).unwrap();
+    let parts = model.forward_parts(img.clone(), vis.clone(), msk.clone()).unwrap();
     let logits = to_vec(parts.prediction); // [2, 6, 512]
     let mut ce = 0.0f64;
     let mut row = 0;
@@ -180,6 +180,14 @@ fn losses_equal_hand_computed_ce_plus_two_mse() {
     assert!((main - ce).abs() < 1e-4 * ce.max(1.0), "{main} vs {ce}");
     assert!((align - 2.0 * mse).abs() < 1e-4 * mse.max(1.0), "{align} vs {}", 2.0 * mse);
     assert!((total - main - align).abs() < 1e-5 * total.max(1.0));
+    // `align_weight` is the λ: 0.5 gives half an MSE, 0 leaves the main loss alone.
+    for w in [0.5, 0.0] {
+        let m = Cae { config: CaeConfig { align_weight: w, ..c.clone() }, ..model.clone() };
+        let o = m.forward(img.clone(), vis.clone(), msk.clone(), &targets).unwrap();
+        let (a, t) = (to_vec(o.loss_align)[0] as f64, to_vec(o.loss)[0] as f64);
+        assert!((a - w * mse).abs() < 1e-4 * mse.max(1.0), "λ {w}: {a} vs {}", w * mse);
+        assert!((t - main - a).abs() < 1e-5 * t.max(1.0));
+    }
 }
 
 #[test]

@@ -7,7 +7,7 @@ use crate::CaeError;
 use crate::model::attention::Attention;
 use crate::model::encoder::Encoder;
 use crate::model::pos_embed::{sincos_pos_embed, sincos_table};
-use crate::model::{CaeConfig, TargetKind, mask_to_indices, pixel_targets};
+use crate::model::{CaeConfig, TargetKind, mask_to_indices, pixel_targets, pixel_targets_eps, raw_pixel_targets};
 
 #[test]
 fn sincos_table_matches_formula_base_grid() {
@@ -140,6 +140,41 @@ fn pixel_targets_patchify_order_and_normalisation() {
             assert!(max_abs_diff(got, &want) < 1e-4, "sample {bi} patch {t}");
         }
     }
+}
+
+#[test]
+fn pixel_target_floor_and_raw_targets() {
+    let dev = device();
+    let (b, s, p) = (1usize, 8usize, 4usize);
+    let values: Vec<f32> = (0..b * 3 * s * s).map(|i| ((i * 53) % 89) as f32 / 40.0).collect();
+    let img = || Tensor::<B, 4>::from_data(TensorData::new(values.clone(), [b, 3, s, s]), &dev);
+    let raw = to_vec(raw_pixel_targets(img(), p));
+    let pp = p * p * 3;
+    // Raw: the patch's pixels in (row, col, channel) order, untouched.
+    for t in 0..4 {
+        let (r0, c0) = ((t / 2) * p, (t % 2) * p);
+        let want: Vec<f64> = (0..p)
+            .flat_map(|r| (0..p).flat_map(move |c| (0..3).map(move |ch| (r, c, ch))))
+            .map(|(r, c, ch)| values[(ch * s + r0 + r) * s + c0 + c] as f64)
+            .collect();
+        assert!(max_abs_diff(&raw[t * pp..(t + 1) * pp], &want) < 1e-6, "patch {t}");
+    }
+    // Floored: (x - mean) / sqrt(var + eps), from the raw values.
+    let eps = 0.3;
+    let floored = to_vec(pixel_targets_eps(img(), p, eps));
+    for t in 0..4 {
+        let x: Vec<f64> = raw[t * pp..(t + 1) * pp].iter().map(|&v| v as f64).collect();
+        let mean = x.iter().sum::<f64>() / pp as f64;
+        let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (pp as f64 - 1.0);
+        let want: Vec<f64> = x.iter().map(|v| (v - mean) / (var + eps).sqrt()).collect();
+        assert!(max_abs_diff(&floored[t * pp..(t + 1) * pp], &want) < 1e-4, "patch {t}");
+    }
+    // The floor damps a flat patch's noise instead of blowing it up to unit variance.
+    let flat: Vec<f32> = (0..3 * 4 * 4).map(|i| 0.5 + 0.01 * ((i % 3) as f32 - 1.0)).collect();
+    let flat = || Tensor::<B, 4>::from_data(TensorData::new(flat.clone(), [1, 3, 4, 4]), &dev);
+    let rms = |v: Vec<f32>| (v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+    assert!(rms(to_vec(pixel_targets(flat(), 4))) > 0.9);
+    assert!(rms(to_vec(pixel_targets_eps(flat(), 4, 0.3))) < 0.05);
 }
 
 #[test]
