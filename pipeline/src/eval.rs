@@ -12,7 +12,7 @@
 //! ```
 //!
 //! Memory is bounded whatever the speed of the consumer ([`crate::ordered_map`]): at most
-//! `K = 2 x workers` samples decoded (or decoding) and not yet in a batch, plus `K` encoded
+//! `K = 8 x workers` samples decoded (or decoding) and not yet in a batch, plus `K` encoded
 //! samples queued. The image member is the
 //! loader's: the first of `.jpg`, `.jpeg`, `.png`, `.webp`. A bad sample (corrupt image, bad
 //! `.cls`) is counted, logged with shard + key + reason, and skipped; a sample without `.cls`

@@ -13,8 +13,8 @@
 //! ([`resume`]). After `retries` failed tries in a row the reader returns an error: the loader
 //! counts the shard as failed and goes on (or stops, past `max_failed_shards`).
 //!
-//! TLS roots: `SSL_CERT_FILE`/`SSL_CERT_DIR`, else the system bundle plus the built-in roots
-//! ([`roots`]).
+//! TLS roots: `SSL_CERT_FILE`/`SSL_CERT_DIR`, else the system store plus the built-in roots
+//! ([`roots`], rustls-native-certs); a certificate they do not trust fails the shard at once.
 
 use std::io::{self, Read};
 use std::time::{Duration, SystemTime};
@@ -113,12 +113,12 @@ impl HttpFetcher {
         cfg.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let rt =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("cae-io").enable_all().build()?;
-        let src = roots::source(|k| std::env::var(k).ok());
+        let roots = roots::load().map_err(io::Error::other)?;
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(cfg.connect_timeout_s))
             .read_timeout(Duration::from_secs(cfg.read_timeout_s))
-            .tls_built_in_root_certs(src.built_in);
-        for cert in roots::load(&src).map_err(io::Error::other)? {
+            .tls_built_in_root_certs(roots.built_in);
+        for cert in roots.certs {
             builder = builder.add_root_certificate(cert);
         }
         let client = builder.build().map_err(io::Error::other)?;
@@ -173,7 +173,31 @@ fn describe(e: reqwest::Error) -> String {
 }
 
 fn network(e: reqwest::Error) -> FetchError {
+    if untrusted_certificate(&e) {
+        // Retrying cannot fix it: fail the shard now, with the way out.
+        return Fatal(format!(
+            "{} (a private CA? point SSL_CERT_FILE or SSL_CERT_DIR at its certificate)",
+            describe(e)
+        ));
+    }
     Retry { kind: "network", msg: describe(e), retry_after: None }
+}
+
+/// Whether the TLS handshake failed on the server's certificate: a rustls `InvalidCertificate`
+/// somewhere in the error's causes. An `io::Error` hides its inner error from `source()` (and
+/// the connector nests them), so each one's inner error is searched too.
+fn untrusted_certificate(e: &reqwest::Error) -> bool {
+    fn search(e: &(dyn std::error::Error + 'static), depth: usize) -> bool {
+        if depth > 16 {
+            return false;
+        }
+        if let Some(rustls::Error::InvalidCertificate(_)) = e.downcast_ref::<rustls::Error>() {
+            return true;
+        }
+        let inner = e.downcast_ref::<io::Error>().and_then(io::Error::get_ref);
+        inner.is_some_and(|i| search(i, depth + 1)) || e.source().is_some_and(|s| search(s, depth + 1))
+    }
+    search(e, 0)
 }
 
 async fn stream(client: reqwest::Client, url: String, tx: async_channel::Sender<io::Result<Bytes>>, cfg: HttpConfig) {

@@ -35,7 +35,7 @@
 //!
 //! Memory bound: the shuffle buffer (`shuffle_buffer` samples and `shuffle_buffer_bytes`, only
 //! the image and `.cls` members kept; at an epoch boundary the next epoch's buffer fills while
-//! a few samples of the ending one wait in reserve), plus at most `K = 2 x workers` samples
+//! a few samples of the ending one wait in reserve), plus at most `K = 8 x workers` samples
 //! decoded (or decoding) and not yet in a batch, whatever is slow (the ordered map's window),
 //! plus `K` encoded samples queued for the workers, plus per worker one decoded image (shrunk
 //! back after an outlier), plus `(prefetch + 2)` batches of `B x 3 x (S² + T²)` bytes.
@@ -327,7 +327,7 @@ impl Loader {
         }
         let per_epoch = batches_per_epoch(&shards, cfg.batch_size, cfg.world_size);
         if per_epoch.is_none() && cfg.world_size > 1 {
-            return bad("world_size > 1 needs shard sample counts: pass a shard directory with manifest.json".into());
+            return bad("world_size > 1 needs shard sample counts: pass a manifest.json (a shard directory holding one, or its http(s) URL)".into());
         }
         if per_epoch == Some(0) {
             return bad(format!(
@@ -468,7 +468,7 @@ impl Loader {
         &self.stats
     }
 
-    /// `K`: samples decoded (or decoding) and not yet in a batch, at most (`2 x workers`).
+    /// `K`: samples decoded (or decoding) and not yet in a batch, at most (`8 x workers`).
     pub fn in_flight_bound(&self) -> usize {
         self.in_flight_bound
     }

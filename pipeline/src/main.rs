@@ -83,6 +83,7 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -113,6 +114,7 @@ fn peak_rss_bytes() -> u64 {
 fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> anyhow::Result<()> {
     let shards = source::expand(&args.shards)?;
     let cfg = args.config(batch_size);
+    let cfg_resume = cfg.clone();
     let cfg_http = cfg.http.clone();
     let workers = cfg.worker_count();
     let (buffer, buffer_bytes) = (cfg.shuffle_buffer, cfg.shuffle_buffer_bytes);
@@ -166,6 +168,8 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
     let (dec_ips, dec_n) = cae_pipeline::bench::decode_only_rate(&jpgs);
     drop(jpgs);
     let ratio = per_core / dec_ips;
+    // Resume cost: a loader opened at 90 % of epoch 0 as a checkpoint would reopen it.
+    let resume = cae_pipeline::bench::resume_cost(&cfg_resume, &shards, 0.9)?;
     if json {
         let j = serde_json::json!({
             "images_per_second": ips,
@@ -188,6 +192,11 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
             "in_flight_peak": peak_in_flight,
             "shuffle_buffer": buffer,
             "shuffle_buffer_bytes": buffer_bytes,
+            "resume_at_batch": resume.as_ref().map(|r| r.at_batch),
+            "batches_per_epoch": resume.as_ref().map(|r| r.batches_per_epoch),
+            "resume_shards_read": resume.as_ref().map(|r| r.shards_read),
+            "resume_shards_bound": resume.as_ref().map(|r| r.shards_bound),
+            "resume_seconds": resume.as_ref().map(|r| r.seconds_to_first_batch),
         });
         println!("{j}");
     } else {
@@ -202,6 +211,13 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
             "  memory bound: {bound} decoded samples in flight (peak {peak_in_flight}), shuffle buffer {buffer} samples / {:.0} MiB",
             buffer_bytes as f64 / (1 << 20) as f64
         );
+        match &resume {
+            Some(r) => println!(
+                "  resume at batch {} of {}: {} shard(s) read (bound {}), first batch after {:.2} s",
+                r.at_batch, r.batches_per_epoch, r.shards_read, r.shards_bound, r.seconds_to_first_batch
+            ),
+            None => println!("  resume: no sample counts (no manifest): a resume replays the epoch up to its position"),
+        }
         println!(
             "zune-jpeg decode only (1 thread, {dec_n} images of the same shards, in memory): {dec_ips:.1} images/s"
         );

@@ -16,6 +16,11 @@ pub const SHARDS_FAILED: &str = "cae_pipeline_shards_failed_total";
 pub const ERRORS: &str = "cae_pipeline_errors_total";
 /// HTTP retries.
 pub const HTTP_RETRIES: &str = "cae_pipeline_http_retries_total";
+/// Shards read to reach a saved position on resume (bounded by the shuffle buffer with the
+/// manifest's counts; a whole epoch's prefix when replayed).
+pub const RESUME_SHARDS_READ: &str = "cae_pipeline_resume_shards_read_total";
+/// Seconds the last resume took to reach its saved position.
+pub const RESUME_SECONDS: &str = "cae_pipeline_resume_seconds";
 /// Per-sample JPEG decode time.
 pub const DECODE_SECONDS: &str = "cae_pipeline_decode_seconds";
 /// Per-sample crop/resize/mask time.
@@ -38,6 +43,8 @@ pub fn describe() {
     describe_counter!(SHARDS_FAILED, Unit::Count, "Shards that failed to open or broke while reading");
     describe_counter!(ERRORS, Unit::Count, "Bad samples skipped, by kind");
     describe_counter!(HTTP_RETRIES, Unit::Count, "HTTP shard reads retried");
+    describe_counter!(RESUME_SHARDS_READ, Unit::Count, "Shards read to reach a saved position on resume");
+    describe_gauge!(RESUME_SECONDS, Unit::Seconds, "Seconds the last resume took to reach its saved position");
     describe_histogram!(DECODE_SECONDS, Unit::Seconds, "JPEG decode time per sample");
     describe_histogram!(AUGMENT_SECONDS, Unit::Seconds, "Crop, resize and mask time per sample");
     describe_counter!(BATCHES_PUSHED, Unit::Count, "Batches pushed into the prefetch queue");

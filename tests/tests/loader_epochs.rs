@@ -4,11 +4,13 @@
 
 use std::io::Cursor;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 
 use cae_pipeline::source::ShardSpec;
 use cae_pipeline::wds::ShardWriter;
 use cae_pipeline::{Loader, LoaderConfig, LoaderError, LoaderState};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 fn jpeg(i: usize) -> Vec<u8> {
     let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, (i * 37 % 256) as u8]));
@@ -53,6 +55,16 @@ fn run(cfg: LoaderConfig, shards: &[ShardSpec], start: LoaderState) -> (Vec<(Vec
     (out, loader)
 }
 
+/// The value of `cae_pipeline_resume_shards_read_total` in this process's Prometheus exporter
+/// (installed on first use; 0 before any resume).
+fn resume_metric() -> f64 {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    let handle = HANDLE.get_or_init(|| PrometheusBuilder::new().install_recorder().expect("recorder"));
+    let body = handle.render();
+    let name = cae_pipeline::metrics::RESUME_SHARDS_READ;
+    body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+}
+
 /// Regression: resume re-read every shard before the saved position (up to a whole epoch).
 /// Now the position comes from the counts, and only the shards still in the shuffle buffer
 /// (and the one being read) are read: at 90 % of an epoch, at most
@@ -70,12 +82,22 @@ fn resume_at_90_percent_reads_only_the_buffered_shards() {
     assert!(state.fingerprint.is_some() && !state.replay, "{state:?}");
     let expect: Vec<Vec<String>> = full[k + 1..].iter().map(|(keys, _)| keys.clone()).collect();
 
+    let before = resume_metric();
     let (resumed, loader) = run(c.clone(), &shards, state);
     let got: Vec<Vec<String>> = resumed.into_iter().map(|(keys, _)| keys).collect();
     assert_eq!(got, expect, "resume gives exactly the batches that would have come next");
     let read = loader.stats().resume_shards_read.load(Ordering::Relaxed);
     let bound = (c.shuffle_buffer / per + 2) as u64;
     assert!((1..=bound).contains(&read), "{read} shards read to resume, bound {bound}");
+    // Users watch it on Prometheus: the counter moved by exactly the shards read.
+    assert_eq!(resume_metric() - before, read as f64, "cae_pipeline_resume_shards_read_total");
+
+    // `pipeline bench` states the same cost (its JSON's `resume_shards_read`/`_bound`).
+    let cost = cae_pipeline::bench::resume_cost(&c, &shards, 0.9).expect("resume cost").expect("counts known");
+    assert_eq!((cost.at_batch, cost.batches_per_epoch, cost.shards_bound), (45, 50, bound));
+    assert!((1..=bound).contains(&cost.shards_read), "{cost:?}");
+    let no_counts: Vec<ShardSpec> = shards.iter().map(|s| ShardSpec { samples: None, ..s.clone() }).collect();
+    assert_eq!(cae_pipeline::bench::resume_cost(&c, &no_counts, 0.9).expect("no counts"), None);
 
     // The replay path (what every resume did before) gives the same batches, reading much more.
     let (replayed, loader) = run(c, &shards, LoaderState { replay: true, ..state });

@@ -102,7 +102,8 @@ pub fn extract<B: Backend>(
     device: &B::Device,
     progress: bool,
 ) -> Result<Features, CaeError> {
-    let specs = cae_pipeline::source::expand(shards).map_err(|e| CaeError::Data(format!("{shards}: {e}")))?;
+    let specs =
+        cae_pipeline::source::expand_with(shards, &cfg.http).map_err(|e| CaeError::Data(format!("{shards}: {e}")))?;
     let total: Option<u64> = specs.iter().map(|s| s.samples).sum();
     let mut reader = EvalReader::new(cfg, specs).map_err(|e| CaeError::Data(e.to_string()))?;
     let pb = match (progress, total) {

@@ -278,10 +278,13 @@ impl Reader {
     /// epoch's reading is replayed from its start (tar parsing only, nothing decoded).
     fn open_at(&self, epoch: u64, at: u64, replay: bool) -> Result<Stream<TarFeed<'_>>, Halt> {
         let opened = self.stats.shards_opened.load(Ordering::Relaxed);
+        let t = Instant::now();
         let stream = self.position(epoch, at, replay)?;
         if at > 0 {
             let read = self.stats.shards_opened.load(Ordering::Relaxed) - opened;
             self.stats.resume_shards_read.fetch_add(read, Ordering::Relaxed);
+            ::metrics::counter!(m::RESUME_SHARDS_READ).increment(read);
+            ::metrics::gauge!(m::RESUME_SECONDS).set(t.elapsed().as_secs_f64());
             let how = if stream.buffer.byte_capped || replay { "replayed" } else { "rebuilt from the counts" };
             tracing::info!("epoch {epoch}: position {at} {how}, {read} shard(s) read");
         }
