@@ -168,8 +168,10 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
     let (dec_ips, dec_n) = cae_pipeline::bench::decode_only_rate(&jpgs);
     drop(jpgs);
     let ratio = per_core / dec_ips;
-    // Resume cost: a loader opened at 90 % of epoch 0 as a checkpoint would reopen it.
-    let resume = cae_pipeline::bench::resume_cost(&cfg_resume, &shards, 0.9)?;
+    // Resume cost: a loader opened at 90 % of epoch 0 as a checkpoint would reopen it. Not on
+    // remote shards: it would download up to `resume_shards_bound` shards again.
+    let remote = shards.iter().any(cae_pipeline::source::ShardSpec::is_http);
+    let resume = if remote { None } else { cae_pipeline::bench::resume_cost(&cfg_resume, &shards, 0.9)? };
     if json {
         let j = serde_json::json!({
             "images_per_second": ips,
@@ -216,6 +218,7 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
                 "  resume at batch {} of {}: {} shard(s) read (bound {}), first batch after {:.2} s",
                 r.at_batch, r.batches_per_epoch, r.shards_read, r.shards_bound, r.seconds_to_first_batch
             ),
+            None if remote => println!("  resume: not measured on remote shards (it would download them again)"),
             None => println!("  resume: no sample counts (no manifest): a resume replays the epoch up to its position"),
         }
         println!(
