@@ -16,6 +16,11 @@ use cae_tools::fixtures::{FixtureSpec, generate};
 use cae_trainer::checkpoint::{Checkpoint, list, locate};
 use cae_trainer::train::{HANG_ENV, STEP_LOG, StepLog, read_step_log};
 
+// The HTTP tests' file server (faults injected per file name).
+#[allow(dead_code)]
+#[path = "pipeline/http_server.rs"]
+mod http_server;
+
 const ARGS_ENV: &str = "TRAINER_ARGS";
 
 /// Runs in a child process (re-executed test binary).
@@ -316,6 +321,38 @@ fn micro_loss_falls_on_builtin_data() {
     assert_eq!((c.data.batch_size, c.schedule.total_steps), (8, Some(steps)));
 
     features_and_knn_of_a_run(tmp.path(), &data, &run);
+}
+
+/// `trainer features` reads remote shards with the HTTP settings of the checkpoint's run
+/// (`data.http`), not the defaults. The server answers the shard's first request with a 503:
+/// the defaults retry it and load every sample; a run made with `data.http.retries=0` fails it.
+#[test]
+fn features_read_remote_shards_with_the_runs_http_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path(), 2, 8); // 16 samples: one shard
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let (default_run, strict_run) = (tmp.path().join("default"), tmp.path().join("strict"));
+    run_ok(&run_args(&data, &default_run, 1, 0));
+    let mut args = run_args(&data, &strict_run, 1, 0);
+    args.extend(["--set".into(), "data.http.retries=0".into()]);
+    run_ok(&args);
+
+    let features = |run: &Path, out: &Path| {
+        let shard = "train-000000.tar";
+        let fault = http_server::Fault { status: Some((503, 1, None)), ..Default::default() };
+        let server = http_server::serve(data.clone(), [(shard.to_string(), fault)].into());
+        let url = format!("http://{}/{shard}", server.addr);
+        let args =
+            ["trainer", "features", "--checkpoint", &s(run), "--shards", &url, "--out", &s(out), "--no-progress"];
+        let child = spawn(&args.map(String::from), &[]).wait_with_output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&child.stdout), String::from_utf8_lossy(&child.stderr));
+        (child.status.success(), text, server.requests_for(shard).len())
+    };
+    let (ok, text, requests) = features(&default_run, &tmp.path().join("a.safetensors"));
+    assert!(ok && requests == 2, "the default settings retry the 503 ({requests} requests):\n{text}");
+    assert!(text.contains("16 images"), "{text}");
+    let (ok, text, requests) = features(&strict_run, &tmp.path().join("b.safetensors"));
+    assert!(!ok && requests == 1, "retries = 0 from the run's config: one request, no retry ({requests}):\n{text}");
 }
 
 /// `trainer features` and `trainer eval knn` on the run's checkpoint (and the random-init

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use burn::tensor::backend::Backend;
+use cae_pipeline::http::HttpConfig;
 use clap::Args;
 
 use super::device::{DeviceKind, OnBackend, on_device};
@@ -107,38 +108,46 @@ pub(super) fn import_mmselfsup<B: Backend>(
     Ok((config, model, report))
 }
 
-/// The encoder of `a` (a checkpoint's, or a fresh one) and a description of where it came from.
-fn load_encoder<B: Backend>(
-    a: &EncoderArgs,
-    device: &B::Device,
-) -> anyhow::Result<(crate::model::Encoder<B>, crate::model::CaeConfig, String)> {
+/// The encoder of `a` (a checkpoint's, or a fresh one), a description of where it came from, and
+/// the HTTP settings to read shards with: a run checkpoint's `data.http` (the retries and timeouts
+/// its run was given for those servers), else the defaults.
+type LoadedEncoder<B> = (crate::model::Encoder<B>, crate::model::CaeConfig, String, HttpConfig);
+
+fn load_encoder<B: Backend>(a: &EncoderArgs, device: &B::Device) -> anyhow::Result<LoadedEncoder<B>> {
     match (&a.checkpoint, a.random_init) {
         (Some(path), false) if is_torch_file(path) => {
             let (_, model, report) = import_mmselfsup::<B>(path, device)?;
-            Ok((model.encoder, model.config.clone(), format!("{} (mmselfsup, {} form)", path.display(), report.form)))
+            let what = format!("{} (mmselfsup, {} form)", path.display(), report.form);
+            Ok((model.encoder, model.config.clone(), what, HttpConfig::default()))
         }
         (Some(path), false) => {
             let ckpt = checkpoint::locate(path)?;
             let (model, config, step) = train::load_model::<B>(&ckpt, device)?;
-            Ok((model.encoder, config.model, format!("{} (step {step})", ckpt.display())))
+            Ok((model.encoder, config.model, format!("{} (step {step})", ckpt.display()), config.data.http))
         }
         (Some(path), true) => {
             let ckpt = checkpoint::locate(path)?;
             let ck = checkpoint::Checkpoint::read(&ckpt)?;
             let config = RunConfig::from_resolved_toml(&ck.header.config)?;
             let enc = crate::model::init::with_seed(config.seed, || crate::model::Encoder::new(&config.model, device));
-            Ok((enc, config.model, format!("random init (seed {}) of the net of {}", config.seed, ckpt.display())))
+            let what = format!("random init (seed {}) of the net of {}", config.seed, ckpt.display());
+            Ok((enc, config.model, what, config.data.http))
         }
         (None, _) => {
             let config = RunConfig::preset(crate::config::Preset::parse(&a.preset)?);
             config.model.validate()?;
             let enc = crate::model::init::with_seed(a.seed, || crate::model::Encoder::new(&config.model, device));
-            Ok((enc, config.model, format!("random init (seed {}) of the {} preset", a.seed, a.preset)))
+            let what = format!("random init (seed {}) of the {} preset", a.seed, a.preset);
+            Ok((enc, config.model, what, HttpConfig::default()))
         }
     }
 }
 
-fn eval_config(a: &EncoderArgs, model: &crate::model::CaeConfig) -> anyhow::Result<cae_pipeline::eval::EvalConfig> {
+fn eval_config(
+    a: &EncoderArgs,
+    model: &crate::model::CaeConfig,
+    http: HttpConfig,
+) -> anyhow::Result<cae_pipeline::eval::EvalConfig> {
     let resize = a.resize.unwrap_or_else(|| crate::features::default_resize(model.img_size));
     if resize < model.img_size {
         bail!("--resize {resize} is smaller than the model's input size {}", model.img_size);
@@ -148,7 +157,7 @@ fn eval_config(a: &EncoderArgs, model: &crate::model::CaeConfig) -> anyhow::Resu
         workers: a.workers,
         resize,
         crop: model.img_size,
-        ..Default::default()
+        http,
     })
 }
 
@@ -161,8 +170,8 @@ fn extract_features(a: &EncoderArgs, sources: &[&str]) -> anyhow::Result<Feature
         type Output = FeatureSets;
         fn run<B: Backend>(self, device: &B::Device) -> anyhow::Result<FeatureSets> {
             let Extract(a, sources) = self;
-            let (enc, model, what) = load_encoder::<B>(a, device)?;
-            let cfg = eval_config(a, &model)?;
+            let (enc, model, what, http) = load_encoder::<B>(a, device)?;
+            let cfg = eval_config(a, &model, http)?;
             println!("encoder: {what}; images: shorter side {}, centre crop {}", cfg.resize, cfg.crop);
             let mut out = Vec::new();
             for s in sources {
