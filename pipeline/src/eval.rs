@@ -245,7 +245,7 @@ fn read_all(shards: &[ShardSpec], http: Option<&HttpFetcher>, mut submit: Submit
         let reader = match open_shard(spec, http) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!("shard {}: cannot open: {e}; skipped", spec.url);
+                tracing::warn!("shard {}: cannot open: {e}; skipped", crate::redact::url(&spec.url));
                 stats.shards_failed.fetch_add(1, Ordering::Relaxed);
                 ::metrics::counter!(m::SHARDS_FAILED).increment(1);
                 continue;
@@ -258,7 +258,10 @@ fn read_all(shards: &[ShardSpec], http: Option<&HttpFetcher>, mut submit: Submit
                     Ok(s)
                 }
                 Err(WdsError::Tar { after_sample, message }) => {
-                    tracing::warn!("shard {}: {message} after sample {after_sample}; rest of shard skipped", spec.url);
+                    tracing::warn!(
+                        "shard {}: {message} after sample {after_sample}; rest of shard skipped",
+                        crate::redact::url(&spec.url)
+                    );
                     stats.shards_failed.fetch_add(1, Ordering::Relaxed);
                     ::metrics::counter!(m::SHARDS_FAILED).increment(1);
                     break;

@@ -294,14 +294,15 @@ mod tests {
             || (),
             move |_, &i: &u64| -> Result<u64, String> {
                 if i == 0 {
-                    // Held until every other item has been processed, which only an unbounded
-                    // map allows; a bounded one stalls at K, and the deadline lets it go on.
-                    // The assertions count items; the deadline only decides how long to hold.
+                    // Held until the others have filled the window (K - 1 items; the deadline
+                    // is only a safety net on a very slow machine), then a little longer, in
+                    // which an unbounded map would go on past K. The assertions count items.
                     let c = slot.get().expect("counters set before the first submit");
-                    let deadline = Instant::now() + Duration::from_millis(500);
-                    while c.processed.load(Ordering::SeqCst) < n - 1 && Instant::now() < deadline {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while c.processed.load(Ordering::SeqCst) < (k - 1) as u64 && Instant::now() < deadline {
                         std::thread::sleep(Duration::from_millis(1));
                     }
+                    std::thread::sleep(Duration::from_millis(50));
                 }
                 if i == 77 {
                     return Err("bad item".into());

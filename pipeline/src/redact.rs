@@ -58,7 +58,8 @@ fn is_secret(key: &str) -> bool {
 
 /// A shard source (paths, patterns and URLs joined by `::`) with every URL redacted.
 pub fn source(source: &str) -> String {
-    source.split("::").map(url).collect::<Vec<_>>().join("::")
+    // Split as the source is read: `::` inside an IPv6 literal (`[::1]`) is not a separator.
+    crate::source::split_sources(source).into_iter().map(url).collect::<Vec<_>>().join("::")
 }
 
 /// `text` (an error message, a log line) with every URL in it redacted; URLs end at white space
@@ -132,5 +133,8 @@ mod tests {
         let joined = "/a.tar::https://u:p@h/b.tar";
         let r = source(joined);
         assert!(r.starts_with("/a.tar::") && !r.contains("u:p"), "{r}");
+        // Regression: an IPv6 literal's `::` split the URL, and its pieces were left as they were.
+        let r = source("/a.tar::http://u:s3cr3t@[::1]:8080/b.tar");
+        assert!(!r.contains("s3cr3t") && r.contains("[::1]:8080/b.tar") && r.starts_with("/a.tar::"), "{r}");
     }
 }

@@ -91,7 +91,7 @@ pub fn expand_with(source: &str, http: &HttpConfig) -> Result<Vec<ShardSpec>, So
 }
 
 /// Splits at `::` outside square brackets (an IPv6 literal's `::` stays).
-fn split_sources(source: &str) -> Vec<&str> {
+pub fn split_sources(source: &str) -> Vec<&str> {
     let b = source.as_bytes();
     let (mut out, mut depth, mut start, mut i) = (Vec::new(), 0u32, 0, 0);
     while i < b.len() {

@@ -115,7 +115,7 @@ pub fn process(file: &InputFile, opts: &ProcessOptions, bytes_read: &mut u64) ->
             return Ok(Err(len));
         }
         // The file may grow after the stat: never read more than the cap allows.
-        f.take(max + 1).read_to_end(&mut bytes).map(Ok)
+        f.take(max.saturating_add(1)).read_to_end(&mut bytes).map(Ok)
     });
     match read {
         Ok(Ok(n)) if n as u64 > max => return reject(format!("grew past --max-file-bytes {max} while read")),

@@ -4,8 +4,8 @@
 
 use std::io::Cursor;
 use std::path::Path;
-use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
+use std::sync::{Mutex, OnceLock};
 
 use cae_pipeline::source::ShardSpec;
 use cae_pipeline::wds::ShardWriter;
@@ -55,6 +55,10 @@ fn run(cfg: LoaderConfig, shards: &[ShardSpec], start: LoaderState) -> (Vec<(Vec
     (out, loader)
 }
 
+/// Tests that resume hold this: the resume metric is one counter for the whole process, and
+/// `resume_at_90_percent...` checks it moved by exactly its own resume.
+static RESUMES: Mutex<()> = Mutex::new(());
+
 /// The value of `cae_pipeline_resume_shards_read_total` in this process's Prometheus exporter
 /// (installed on first use; 0 before any resume).
 fn resume_metric() -> f64 {
@@ -71,6 +75,7 @@ fn resume_metric() -> f64 {
 /// `shuffle_buffer / samples_per_shard + 2` shards — against 18 for a replay.
 #[test]
 fn resume_at_90_percent_reads_only_the_buffered_shards() {
+    let _one_at_a_time = RESUMES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let tmp = tempfile::tempdir().unwrap();
     let (n, per) = (20, 10);
     let shards = write_shards(tmp.path(), n, per, |_, _| false);
@@ -139,6 +144,7 @@ fn epochs_end_exactly_with_nothing_decoded_past_their_end() {
 /// without one (older checkpoints) is accepted; a position past the epoch is refused.
 #[test]
 fn a_state_from_other_shards_or_config_is_refused() {
+    let _one_at_a_time = RESUMES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let tmp = tempfile::tempdir().unwrap();
     let shards = write_shards(tmp.path(), 6, 8, |_, _| false);
     let c = LoaderConfig { epochs: Some(1), ..cfg(1) };

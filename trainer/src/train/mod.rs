@@ -145,8 +145,9 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 
 /// A shard source with every relative local path made absolute (URLs unchanged).
 pub fn absolute_source(source: &str) -> String {
-    source
-        .split("::")
+    // Split as the source is read: `::` inside an IPv6 literal (`[::1]`) is not a separator.
+    cae_pipeline::source::split_sources(source)
+        .into_iter()
         .map(|part| {
             if part.contains("://") || Path::new(part).is_absolute() {
                 return part.to_string();

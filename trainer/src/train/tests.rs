@@ -316,3 +316,13 @@ fn host_syncs_are_lazy() {
     let f16_syncs = run_with("f16", "precision.dtype=\"f16\"");
     assert_eq!(f16_syncs, [vec![1; 11], vec![2]].concat());
 }
+
+/// Regression: `absolute_source` split at every `::`, so an IPv6 URL (`[::1]`) became local
+/// paths (`/cwd/1]:8080/x.tar`) in the run record.
+#[test]
+fn absolute_source_keeps_ipv6_urls_whole() {
+    let src = "http://[::1]:8080/x-{0..3}.tar::rel/y.tar";
+    let got = absolute_source(src);
+    let want = format!("http://[::1]:8080/x-{{0..3}}.tar::{}", std::path::absolute("rel/y.tar").unwrap().display());
+    assert_eq!(got, want);
+}

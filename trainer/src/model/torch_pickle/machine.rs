@@ -28,6 +28,30 @@ pub(super) enum V {
     Mark,
 }
 
+impl V {
+    /// The variant's name, for error messages: never the value itself (a list can contain
+    /// itself, and printing it would not end).
+    fn kind(&self) -> &'static str {
+        match self {
+            V::None => "None",
+            V::Bool => "a bool",
+            V::Int(_) => "an int",
+            V::Long(_) => "a long int",
+            V::Float => "a float",
+            V::Str(_) => "a string",
+            V::Bytes => "bytes",
+            V::Global(..) => "a global",
+            V::Tuple(_) => "a tuple",
+            V::List(_) => "a list",
+            V::Dict(_) => "a dict",
+            V::Storage(_) => "a storage",
+            V::Tensor(_) => "a tensor",
+            V::Opaque => "an object",
+            V::Mark => "a mark",
+        }
+    }
+}
+
 fn elem_bytes(kind: &str) -> Option<u64> {
     Some(match kind {
         "DoubleStorage" | "LongStorage" | "ComplexFloatStorage" => 8,
@@ -82,12 +106,12 @@ impl Machine<'_> {
         }
         let kind = match kind {
             V::Global(_, name) | V::Str(name) => name.clone(),
-            other => return bad(format!("storage type {other:?}")),
+            other => return bad(format!("storage type is {}", other.kind())),
         };
         let key = match key {
             V::Str(s) => s.clone(),
             V::Int(i) => i.to_string(),
-            other => return bad(format!("storage key {other:?}")),
+            other => return bad(format!("storage key is {}", other.kind())),
         };
         let Some(elem) = elem_bytes(&kind) else { return bad(format!("unknown storage type {kind}")) };
         let numel = match t.get(4) {
@@ -106,7 +130,7 @@ impl Machine<'_> {
         // Legacy views: (view_key, offset, size) in the sixth field.
         if let Some(V::Tuple(view)) = t.get(5)
             && let (Some(V::Int(off)), Some(V::Int(size))) = (view.get(1), view.get(2))
-            && (*off < 0 || *size < 0 || numel.is_some_and(|n| (*off + *size) as u64 > n))
+            && (*off < 0 || *size < 0 || numel.is_some_and(|n| off.checked_add(*size).is_none_or(|end| end as u64 > n)))
         {
             return bad(format!("storage {} has a view past its end", self.out.storages[index].key));
         }
@@ -124,7 +148,8 @@ impl Machine<'_> {
             t.iter()
                 .map(|v| match v {
                     V::Int(i) if *i >= 0 => Ok(*i as u64),
-                    other => bad(format!("tensor shape/stride holds {other:?}")),
+                    V::Int(i) => bad(format!("tensor shape/stride holds {i}")),
+                    other => bad(format!("tensor shape/stride holds {}", other.kind())),
                 })
                 .collect()
         };

@@ -110,7 +110,7 @@ impl Reader {
         let result = m.run(r);
         self.storage_index = std::mem::take(&mut m.storage_index);
         let root = result?;
-        name_tensors(&root, "", &mut self.declared.tensors, &mut HashSet::new());
+        name_tensors(&root, "", &mut self.declared.tensors, &mut HashSet::new(), 0);
         for (i, t) in self.declared.tensors.iter_mut().enumerate().skip(first_tensor) {
             if t.name.is_empty() {
                 t.name = format!("tensor #{i}");
@@ -133,8 +133,15 @@ impl Reader {
     }
 }
 
+/// Containers nested deeper than this are not walked for names (no real checkpoint comes close;
+/// a hostile pickle nests a tuple per opcode byte and would overflow the stack).
+const MAX_NAME_DEPTH: usize = 256;
+
 /// Gives each tensor the first path that reaches it (`a.b.0.c`); shared containers are walked once.
-fn name_tensors(v: &V, path: &str, tensors: &mut [TensorDecl], seen: &mut HashSet<usize>) {
+fn name_tensors(v: &V, path: &str, tensors: &mut [TensorDecl], seen: &mut HashSet<usize>, depth: usize) {
+    if depth > MAX_NAME_DEPTH {
+        return;
+    }
     let join = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
     match v {
         V::Tensor(i) => {
@@ -151,17 +158,17 @@ fn name_tensors(v: &V, path: &str, tensors: &mut [TensorDecl], seen: &mut HashSe
                     V::Int(i) => i.to_string(),
                     _ => "?".into(),
                 };
-                name_tensors(v, &join(&key), tensors, seen);
+                name_tensors(v, &join(&key), tensors, seen, depth + 1);
             }
         }
         V::List(l) if seen.insert(Rc::as_ptr(l) as *const u8 as usize) => {
             for (i, v) in l.borrow().iter().enumerate() {
-                name_tensors(v, &join(&i.to_string()), tensors, seen);
+                name_tensors(v, &join(&i.to_string()), tensors, seen, depth + 1);
             }
         }
         V::Tuple(t) if seen.insert(Rc::as_ptr(t) as *const u8 as usize) => {
             for (i, v) in t.iter().enumerate() {
-                name_tensors(v, &join(&i.to_string()), tensors, seen);
+                name_tensors(v, &join(&i.to_string()), tensors, seen, depth + 1);
             }
         }
         _ => {}
@@ -226,5 +233,37 @@ pub(crate) mod tests {
         for bad in [&[b'R'][..], b"(s.", &[b'h', 9, b'.'], &[0xff]] {
             assert!(Reader::new().next(&mut &bad[..]).is_err(), "{bad:?}");
         }
+    }
+
+    /// Regression: errors printed the offending value, and a list that contains itself (`]2a`:
+    /// EMPTY_LIST, DUP, APPEND) as a storage's type never finished printing (stack overflow).
+    /// Offsets past `i64::MAX` overflowed in the view check. Both are now plain errors.
+    #[test]
+    fn self_referential_and_overflowing_values_are_errors() {
+        let mut p = vec![0x80, 2, b'('];
+        unicode(&mut p, "storage");
+        p.extend([b']', b'2', b'a']);
+        unicode(&mut p, "0");
+        unicode(&mut p, "cpu");
+        p.extend([b'K', 6, b't', b'Q', b'.']);
+        let Err(e) = Reader::new().next(&mut &p[..]) else { panic!("accepted") };
+        let e = e.to_string();
+        assert!(e.contains("storage type is a list"), "{e}");
+
+        // storage('0', FloatStorage, 6 elements, view (key, i64::MAX, 1)): offset + size overflows.
+        let mut p = vec![0x80, 2, b'('];
+        unicode(&mut p, "storage");
+        p.extend(b"ctorch\nFloatStorage\n");
+        unicode(&mut p, "0");
+        unicode(&mut p, "cpu");
+        p.extend([b'K', 6, b'(']);
+        unicode(&mut p, "0");
+        p.push(0x8a); // LONG1: 8 bytes, i64::MAX
+        p.push(8);
+        p.extend(i64::MAX.to_le_bytes());
+        p.extend([b'K', 1, b't', b't', b'Q', b'.']);
+        let Err(e) = Reader::new().next(&mut &p[..]) else { panic!("accepted") };
+        let e = e.to_string();
+        assert!(e.contains("view past its end"), "{e}");
     }
 }
