@@ -33,6 +33,54 @@ pub const QUEUE_DEPTH: &str = "cae_pipeline_queue_depth";
 /// Images per second over the last batch interval.
 pub const IMAGES_PER_SECOND: &str = "cae_pipeline_images_per_second";
 
+/// Every value of [`ERRORS`]' `kind` label.
+pub const ERROR_KINDS: &[&str] =
+    &["decode", "too_large", "missing_image", "missing_class", "bad_class", "format", "augment", "mask", "panic", "tar"];
+
+/// Every value of [`HTTP_RETRIES`]' `kind` label.
+pub const HTTP_RETRY_KINDS: &[&str] = &["network", "status", "low_speed"];
+
+/// Every series of the pipeline.
+pub const ALL: &[&str] = &[
+    SAMPLES_READ,
+    SAMPLES_DONE,
+    BYTES_READ,
+    SHARDS_OPENED,
+    SHARDS_FAILED,
+    ERRORS,
+    HTTP_RETRIES,
+    RESUME_SHARDS_READ,
+    RESUME_SECONDS,
+    DECODE_SECONDS,
+    AUGMENT_SECONDS,
+    BATCHES_PUSHED,
+    BATCHES_POPPED,
+    QUEUE_DEPTH,
+    IMAGES_PER_SECOND,
+];
+
+/// Registers every series at its starting value (counters 0 — [`ERRORS`] for each kind —,
+/// gauges 0, histograms empty), so a scrape lists each one from the start.
+pub fn register() {
+    use ::metrics::{counter, gauge, histogram};
+    let counters = [SAMPLES_READ, SAMPLES_DONE, BYTES_READ, SHARDS_OPENED, SHARDS_FAILED, RESUME_SHARDS_READ];
+    for name in counters.into_iter().chain([BATCHES_PUSHED, BATCHES_POPPED]) {
+        counter!(name).increment(0);
+    }
+    for &kind in ERROR_KINDS {
+        counter!(ERRORS, "kind" => kind).increment(0);
+    }
+    for &kind in HTTP_RETRY_KINDS {
+        counter!(HTTP_RETRIES, "kind" => kind).increment(0);
+    }
+    for name in [RESUME_SECONDS, QUEUE_DEPTH, IMAGES_PER_SECOND] {
+        gauge!(name).set(0.0);
+    }
+    for name in [DECODE_SECONDS, AUGMENT_SECONDS] {
+        let _ = histogram!(name);
+    }
+}
+
 /// Registers help texts (Prometheus requires them; `promtool check metrics` fails without).
 pub fn describe() {
     use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};

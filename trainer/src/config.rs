@@ -4,7 +4,9 @@
 //! Resolution: the named `preset` gives a complete config ([`RunConfig::preset`]); the file's
 //! tables are merged over it key by key, then every `--set a.b.c=value`; the result is parsed
 //! with `deny_unknown_fields`, so a misspelt key fails at start-up. The resolved config is what
-//! a run saves (`config.toml` in the run dir, and inside every checkpoint).
+//! a run saves (`config.toml` in the run dir, and inside every checkpoint). Presets set the
+//! model; the view sizes, the mask grid and count and the vocabulary follow from it
+//! ([`derived`]), so `--set model.img_size=96` is a whole change.
 //!
 //! ```toml
 //! preset = "micro"
@@ -15,6 +17,8 @@
 //! [schedule]
 //! total_steps = 500    # overrides epochs
 //! ```
+
+mod derived;
 
 use std::path::PathBuf;
 
@@ -169,12 +173,10 @@ impl RunConfig {
     pub fn preset(preset: Preset) -> Self {
         let model = preset.model();
         let micro = preset == Preset::Micro;
-        let mask = if micro {
-            // spec §7 B: blocks must be < 4 on a 4x4 grid, so the minimum block is 2.
-            MaskConfig { grid: 4, num_masked: 6, min_num_patches: 2, ..MaskConfig::default() }
-        } else {
-            MaskConfig { grid: model.grid_size(), num_masked: model.num_mask, ..MaskConfig::default() }
-        };
+        // The view sizes, mask grid and count are derived from the model (`derived`); the data
+        // side sets only what is its own. spec §7 B: blocks must be < 4 on a 4x4 grid, so the
+        // micro minimum block is 2.
+        let mask = MaskConfig { min_num_patches: if micro { 2 } else { 16 }, ..MaskConfig::default() };
         let data = LoaderConfig {
             batch_size: match preset {
                 Preset::Base | Preset::Small => 256,
@@ -182,11 +184,7 @@ impl RunConfig {
                 Preset::Micro => 32,
             },
             shuffle_buffer: if micro { 256 } else { 1000 },
-            augment: AugmentConfig {
-                view_size: model.img_size,
-                token_size: model.target_view_size(),
-                ..AugmentConfig::default()
-            },
+            augment: AugmentConfig::default(),
             mask,
             ..LoaderConfig::default()
         };
@@ -210,7 +208,7 @@ impl RunConfig {
         } else {
             ScheduleSection { epochs: 300, warmup_epochs: 10.0, total_steps: None, warmup_steps: None }
         };
-        Self {
+        let mut config = Self {
             preset,
             seed: 0,
             log_every: if micro { 20 } else { 100 },
@@ -221,7 +219,11 @@ impl RunConfig {
             schedule,
             checkpoint: CheckpointSection { every: if micro { 100 } else { 1000 }, keep_last: 3 },
             precision: PrecisionConfig::default(),
-        }
+        };
+        // A preset's own model: nothing of it was set by a user.
+        let derived = derived::derive(&mut config, &toml::Table::new());
+        debug_assert!(derived.is_ok(), "a preset derives its data sizes: {derived:?}");
+        config
     }
 
     /// Resolves a config: preset defaults, then the TOML `file` (if any), then `sets`
@@ -249,23 +251,47 @@ impl RunConfig {
         let preset = Preset::parse(&preset_name)?;
         let mut merged = toml::Table::try_from(Self::preset(preset))
             .map_err(|e| CaeError::Config(format!("serialising preset: {e}")))?;
-        merge(&mut merged, file_table);
-        merge(&mut merged, set_table);
-        let config: Self = toml::Value::Table(merged).try_into().map_err(|e| CaeError::Config(format!("{e}")))?;
+        let mut user = file_table;
+        merge(&mut user, set_table);
+        merge(&mut merged, user.clone());
+        let mut config: Self =
+            toml::Value::Table(merged).try_into().map_err(|e| CaeError::Config(format!("{e}")))?;
+        derived::derive(&mut config, &user)?;
         config.validate()?;
         Ok(config)
     }
 
-    /// Parses a saved, complete config (`config.toml` of a run, or a checkpoint's).
+    /// Parses a saved, complete config (`config.toml` of a run, or a checkpoint's; older ones
+    /// with the derived keys written out load too).
     pub fn from_resolved_toml(text: &str) -> Result<Self, CaeError> {
-        let config: Self = toml::from_str(text).map_err(|e| CaeError::Config(format!("saved config: {e}")))?;
+        let saved: toml::Table = toml::from_str(text).map_err(|e| CaeError::Config(format!("saved config: {e}")))?;
+        let mut config: Self =
+            toml::Value::Table(saved.clone()).try_into().map_err(|e| CaeError::Config(format!("saved config: {e}")))?;
+        derived::derive(&mut config, &saved)?;
         config.validate()?;
         Ok(config)
     }
 
-    /// The resolved config as TOML.
+    /// Re-derives the data sizes after code changed the model section (the built-in run's
+    /// switch to the DALL-E target), then validates.
+    pub fn rederive(&mut self) -> Result<(), CaeError> {
+        let set = toml::Table::try_from(&self.model)
+            .map_err(|e| CaeError::Config(format!("serialising config: {e}")))?;
+        let mut user = toml::Table::new();
+        user.insert("model".into(), toml::Value::Table(set));
+        if let Some(m) = user.get_mut("model").and_then(toml::Value::as_table_mut) {
+            m.remove("vocab_size");
+        }
+        derived::derive(self, &user)?;
+        self.validate()
+    }
+
+    /// The resolved config as TOML, without the derived keys.
     pub fn to_toml(&self) -> Result<String, CaeError> {
-        toml::to_string_pretty(self).map_err(|e| CaeError::Config(format!("serialising config: {e}")))
+        let mut table =
+            toml::Table::try_from(self).map_err(|e| CaeError::Config(format!("serialising config: {e}")))?;
+        derived::strip(&mut table);
+        toml::to_string_pretty(&table).map_err(|e| CaeError::Config(format!("serialising config: {e}")))
     }
 
     /// Cross-checks the sections (model vs data vs masking vs tokenizer).

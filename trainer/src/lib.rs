@@ -8,6 +8,8 @@
 //! - [`config`]: the TOML run config ([`config::RunConfig`]: preset + overrides).
 //! - [`train`]: the training loop of `trainer run` (pipeline -> device -> step -> logs).
 //! - [`checkpoint`]: atomic checkpoint files with exact resume state.
+//! - [`weights`]: the one door weights come in through (our checkpoints, run dirs, mmselfsup
+//!   `.pth`, the DALL-E tokenizer's file) and the audited `torch.save` reader.
 //! - [`metrics`]: the Prometheus series (`cae_train_*`).
 //! - [`export`]: the encoder as safetensors with timm / mmselfsup names (spec §5).
 //! - [`features`]: `trainer features` (frozen encoder features of a shard set); [`knn`]: the
@@ -63,5 +65,6 @@ pub mod readback;
 pub mod run_dir;
 pub mod tokens;
 pub mod train;
+pub mod weights;
 
 pub use error::CaeError;

@@ -25,6 +25,10 @@ pub const GRAD_NORM: &str = "cae_train_grad_norm";
 pub const STEP_SECONDS: &str = "cae_train_step_seconds";
 /// Time per step the training loop was blocked waiting for the data pipeline.
 pub const DATA_WAIT_SECONDS: &str = "cae_train_data_wait_seconds";
+/// The part of the data wait during which the device feeder was preparing the batch (upload,
+/// normalisation and targets: the DALL-E tokenizer's forward, mostly), not waiting on the
+/// pipeline: a large share means more `data.workers` will not help.
+pub const TOKENIZER_WAIT_SECONDS: &str = "cae_train_tokenizer_wait_seconds";
 /// Training throughput over the last step.
 pub const IMAGES_PER_SECOND: &str = "cae_train_images_per_second";
 /// Current data epoch.
@@ -51,6 +55,7 @@ pub const ALL: &[&str] = &[
     GRAD_NORM,
     STEP_SECONDS,
     DATA_WAIT_SECONDS,
+    TOKENIZER_WAIT_SECONDS,
     IMAGES_PER_SECOND,
     EPOCH,
     CHECKPOINTS,
@@ -71,6 +76,11 @@ pub fn describe() {
     describe_gauge!(GRAD_NORM, "Global gradient L2 norm of the last step, before clipping");
     describe_histogram!(STEP_SECONDS, Unit::Seconds, "Wall time per optimizer step, data wait included");
     describe_histogram!(DATA_WAIT_SECONDS, Unit::Seconds, "Time per step the training loop waited for data");
+    describe_histogram!(
+        TOKENIZER_WAIT_SECONDS,
+        Unit::Seconds,
+        "Part of the data wait per step spent preparing the batch's targets (tokenizer), not waiting on the pipeline"
+    );
     describe_gauge!(IMAGES_PER_SECOND, "Training images per second over the last step");
     describe_gauge!(EPOCH, "Current data epoch");
     describe_counter!(CHECKPOINTS, Unit::Count, "Checkpoints written");
@@ -81,13 +91,36 @@ pub fn describe() {
     cae_pipeline::metrics::describe();
 }
 
+/// Registers every series at its starting value, so a scrape before the first step lists them
+/// all (a dashboard must not wait for a checkpoint or a skipped step to see a series): counters
+/// at 0, histograms empty, the loss gauges NaN until a step's values are read (no value yet),
+/// the loss scale at 1.
+pub fn register() {
+    for name in [STEPS, IMAGES, CHECKPOINTS, SKIPPED_STEPS, HOST_SYNCS] {
+        metrics::counter!(name).increment(0);
+    }
+    for name in [STEP_SECONDS, DATA_WAIT_SECONDS, TOKENIZER_WAIT_SECONDS, CHECKPOINT_SECONDS] {
+        let _ = metrics::histogram!(name);
+    }
+    for name in [LOSS, LOSS_MAIN, LOSS_ALIGN, GRAD_NORM] {
+        metrics::gauge!(name).set(f64::NAN);
+    }
+    for name in [LR, IMAGES_PER_SECOND, EPOCH] {
+        metrics::gauge!(name).set(0.0);
+    }
+    metrics::gauge!(LOSS_SCALE).set(1.0);
+    cae_pipeline::metrics::register();
+}
+
 /// Installs the Prometheus recorder and its HTTP listener on `addr`, then registers the help
-/// texts. Fails when the address cannot be bound or a recorder is already installed.
+/// texts and every series. Fails when the address cannot be bound or a recorder is already
+/// installed.
 pub fn install(addr: SocketAddr) -> Result<(), String> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
         .install()
         .map_err(|e| format!("metrics endpoint on {addr}: {e}"))?;
     describe();
+    register();
     Ok(())
 }

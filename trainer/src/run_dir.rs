@@ -14,7 +14,7 @@ use crate::train::{CONFIG_FILE, STEP_LOG};
 /// Name of the lock file in a run directory.
 pub const LOCK_FILE: &str = ".lock";
 
-/// What makes a directory hold a run.
+/// What a run leaves in its directory before its first checkpoint.
 const RUN_MARKERS: [&str; 3] = [CONFIG_FILE, STEP_LOG, CHECKPOINT_DIR];
 
 /// An exclusive lock on a run directory, held until dropped (or the process ends: the kernel
@@ -25,9 +25,44 @@ pub struct RunLock {
     pub path: PathBuf,
 }
 
-/// Whether `dir` holds (part of) a run: a config, a step log or a checkpoint directory.
+/// Whether `dir` holds a run: a checkpoint. A directory with only what a failed start left (a
+/// config, an empty step log, a lock) is empty for a fresh run (its retry must not need
+/// `--force`), and `--resume` finds nothing in it.
 pub fn holds_run(dir: &Path) -> bool {
+    crate::checkpoint::list(&dir.join(CHECKPOINT_DIR)).is_ok_and(|l| !l.is_empty())
+}
+
+/// Whether `dir` holds what a run without a checkpoint left that is worth keeping: a step log
+/// with lines (a fresh run moves it aside rather than truncate it).
+pub fn has_leftovers(dir: &Path) -> bool {
     RUN_MARKERS.iter().any(|m| dir.join(m).exists())
+        && fs::metadata(dir.join(STEP_LOG)).is_ok_and(|m| m.len() > 0)
+}
+
+/// Checks, without creating anything, that a file can be written at `path` (an output such as
+/// `trainer features --out`, checked before the hours of work that produce it).
+pub fn check_file_writable(path: &Path) -> Result<(), CaeError> {
+    if path.is_dir() {
+        return Err(CaeError::Usage(format!("cannot write {}: it is a directory", path.display())));
+    }
+    check_writable(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+}
+
+/// Checks, without creating anything, that `dir` can be written: it is a writable directory, or
+/// the nearest folder above it that exists is one (so it can be made there).
+pub fn check_writable(dir: &Path) -> Result<(), CaeError> {
+    let absolute = std::path::absolute(dir).map_err(CaeError::io(dir))?;
+    let existing = absolute.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let problem = if !existing.is_dir() {
+        Some(format!("{} is not a directory", existing.display()))
+    } else {
+        // An unnamed temporary file (O_TMPFILE where the OS has it): nothing is left behind.
+        tempfile::tempfile_in(existing).err().map(|e| format!("{} is not writable: {e}", existing.display()))
+    };
+    match problem {
+        Some(p) => Err(CaeError::Usage(format!("cannot write {}: {p}", dir.display()))),
+        None => Ok(()),
+    }
 }
 
 fn host() -> String {
@@ -133,6 +168,12 @@ mod tests {
         fs::create_dir(a.join(CHECKPOINT_DIR)).unwrap();
         fs::write(a.join(CHECKPOINT_DIR).join("step-1.ckpt"), "c").unwrap();
         assert!(holds_run(&a) && !holds_run(&b));
+        assert!(!has_leftovers(&b));
+        check_writable(&b.join("not/yet/made")).expect("made under a writable folder");
+        let file = b.join("file");
+        fs::write(&file, "").unwrap();
+        let e = check_writable(&file.join("run")).unwrap_err().to_string();
+        assert!(e.contains("is not a directory"), "{e}");
         let _lock = lock(&a).unwrap();
         let aside = move_aside(&a, "t").unwrap();
         assert!(!holds_run(&a) && a.join(LOCK_FILE).exists());

@@ -48,6 +48,27 @@ impl DeviceKind {
     pub fn is_cpu(self) -> bool {
         self == Self::Cpu
     }
+
+    /// `--device` parsed, and checked to be built into this binary (both usage errors).
+    pub fn from_flag(s: &str) -> anyhow::Result<Self> {
+        let kind = Self::parse(s)?;
+        kind.check_built()?;
+        Ok(kind)
+    }
+
+    /// A usage error (exit 2) when this binary was built without the backend the device needs:
+    /// checked before a command creates anything.
+    pub fn check_built(self) -> anyhow::Result<()> {
+        let feature = match self {
+            Self::Cuda(_) if !cfg!(feature = "cuda") => "cuda",
+            Self::Wgpu(_) if !cfg!(feature = "wgpu") => "wgpu",
+            _ => return Ok(()),
+        };
+        super::usage!(
+            "--device {feature}: this trainer was built without {feature}: \
+             cargo build --release -p cae-trainer --features {feature}"
+        )
+    }
 }
 
 /// A command body generic over the backend (the CLI's commands implement it once; [`on_device`]
@@ -104,6 +125,12 @@ mod tests {
         assert_eq!(DeviceKind::parse("wgpu").unwrap(), DeviceKind::Wgpu(WgpuAdapter::Default));
         assert_eq!(DeviceKind::parse("wgpu:1").unwrap(), DeviceKind::Wgpu(WgpuAdapter::Discrete(1)));
         assert_eq!(DeviceKind::parse("wgpu:cpu").unwrap(), DeviceKind::Wgpu(WgpuAdapter::Cpu));
+        if !cfg!(feature = "cuda") {
+            let e = DeviceKind::Cuda(0).check_built().unwrap_err();
+            assert_eq!(super::super::exit_code(&e), 2, "a usage error");
+            assert!(e.to_string().contains("--features cuda"), "{e}");
+        }
+        DeviceKind::Cpu.check_built().unwrap();
         for bad in ["gpu", "cuda:x", "wgpu:", "cuda:-1"] {
             let e = DeviceKind::parse(bad).unwrap_err().to_string();
             assert!(e.contains(bad) && e.contains("wgpu:N"), "{e}");

@@ -1,7 +1,7 @@
 //! `trainer features` and `trainer eval knn`: frozen encoder features of shard sets, and the
 //! weighted k-NN on them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use burn::tensor::backend::Backend;
@@ -10,9 +10,8 @@ use clap::Args;
 
 use super::device::{DeviceKind, OnBackend, on_device};
 use crate::builtin::{self, BuiltinData};
-use crate::checkpoint;
 use crate::config::RunConfig;
-use crate::train;
+use crate::weights::WeightsFile;
 
 /// Which encoder to use, how to read the images, where to run.
 #[derive(Args, Debug, Clone)]
@@ -89,58 +88,29 @@ pub struct EvalSets {
     pub json: bool,
 }
 
-/// A PyTorch file (`.pth`, `.pt`): an mmselfsup checkpoint to import.
-pub(super) fn is_torch_file(path: &Path) -> bool {
-    path.is_file() && crate::model::mmselfsup_weights::is_torch_checkpoint(path)
-}
-
-/// Imports an mmselfsup CAE checkpoint into the preset of matching width and depth.
-pub(super) fn import_mmselfsup<B: Backend>(
-    path: &Path,
-    device: &B::Device,
-) -> anyhow::Result<(RunConfig, crate::model::Cae<B>, crate::model::mmselfsup_weights::ImportReport)> {
-    use crate::model::mmselfsup_weights::{load_mmselfsup, probe_mmselfsup};
-    let (dim, depth) = probe_mmselfsup(path)?;
-    let preset = crate::config::Preset::from_encoder_shape(dim, depth)?;
-    let config = RunConfig::preset(preset);
-    let model = crate::model::Cae::<B>::new(&config.model, device)?;
-    let (model, report) = load_mmselfsup(model, path)?;
-    Ok((config, model, report))
-}
-
 /// The encoder of `a` (a checkpoint's, or a fresh one), a description of where it came from, and
 /// the HTTP settings to read shards with: a run checkpoint's `data.http` (the retries and timeouts
 /// its run was given for those servers), else the defaults.
 type LoadedEncoder<B> = (crate::model::Encoder<B>, crate::model::CaeConfig, String, HttpConfig);
 
 fn load_encoder<B: Backend>(a: &EncoderArgs, device: &B::Device) -> anyhow::Result<LoadedEncoder<B>> {
-    match (&a.checkpoint, a.random_init) {
-        (Some(path), false) if is_torch_file(path) => {
-            let (_, model, report) = import_mmselfsup::<B>(path, device)?;
-            let what = format!("{} (mmselfsup, {} form)", path.display(), report.form);
-            Ok((model.encoder, model.config.clone(), what, HttpConfig::default()))
-        }
-        (Some(path), false) => {
-            let ckpt = checkpoint::locate(path)?;
-            let (model, config, step) = train::load_model::<B>(&ckpt, device)?;
-            Ok((model.encoder, config.model, format!("{} (step {step})", ckpt.display()), config.data.http))
-        }
-        (Some(path), true) => {
-            let ckpt = checkpoint::locate(path)?;
-            let ck = checkpoint::Checkpoint::read(&ckpt)?;
-            let config = RunConfig::from_resolved_toml(&ck.header.config)?;
-            let enc = crate::model::init::with_seed(config.seed, || crate::model::Encoder::new(&config.model, device));
-            let what = format!("random init (seed {}) of the net of {}", config.seed, ckpt.display());
-            Ok((enc, config.model, what, config.data.http))
-        }
-        (None, _) => {
-            let config = RunConfig::preset(crate::config::Preset::parse(&a.preset)?);
-            config.model.validate()?;
-            let enc = crate::model::init::with_seed(a.seed, || crate::model::Encoder::new(&config.model, device));
-            let what = format!("random init (seed {}) of the {} preset", a.seed, a.preset);
-            Ok((enc, config.model, what, HttpConfig::default()))
-        }
+    let Some(path) = &a.checkpoint else {
+        let config = RunConfig::preset(crate::config::Preset::parse(&a.preset)?);
+        config.model.validate()?;
+        let enc = crate::model::init::with_seed(a.seed, || crate::model::Encoder::new(&config.model, device));
+        let what = format!("random init (seed {}) of the {} preset", a.seed, a.preset);
+        return Ok((enc, config.model, what, HttpConfig::default()));
+    };
+    let file = WeightsFile::locate(path)?;
+    if a.random_init {
+        let (config, _) = crate::weights::config_of(&file)?;
+        let enc = crate::model::init::with_seed(config.seed, || crate::model::Encoder::new(&config.model, device));
+        let what = format!("random init (seed {}) of the net of {}", config.seed, file.path().display());
+        return Ok((enc, config.model, what, config.data.http));
     }
+    let loaded = crate::weights::load::<B>(&file, device)?;
+    let http = if loaded.from_run { loaded.config.data.http } else { HttpConfig::default() };
+    Ok((loaded.model.encoder, loaded.config.model, loaded.what, http))
 }
 
 fn eval_config(
@@ -185,11 +155,12 @@ fn extract_features(a: &EncoderArgs, sources: &[&str]) -> anyhow::Result<Feature
             Ok((out, model, what))
         }
     }
-    on_device(DeviceKind::parse(&a.device)?, Extract(a, sources))
+    on_device(DeviceKind::from_flag(&a.device)?, Extract(a, sources))
 }
 
 pub(super) fn features_command(a: &FeaturesArgs) -> anyhow::Result<()> {
     super::init_tracing();
+    crate::run_dir::check_file_writable(&a.out)?;
     let (mut feats, model, what) = extract_features(&a.encoder, &[&a.shards])?;
     let f = feats.pop().context("no features")?;
     let meta = [
@@ -300,7 +271,7 @@ pub(super) fn linear_command(a: &LinearArgs) -> anyhow::Result<()> {
         epochs: a.epochs,
         seed: a.probe_seed,
     };
-    let r = on_device(DeviceKind::parse(&a.encoder.device)?, job)?;
+    let r = on_device(DeviceKind::from_flag(&a.encoder.device)?, job)?;
     if a.sets.json {
         let mut j = serde_json::to_value(&r)?;
         j["feature"] = a.feature.clone().into();
@@ -338,7 +309,7 @@ pub(super) fn knn_command(a: &KnnArgs) -> anyhow::Result<()> {
             k: a.k,
             temperature: a.temperature,
         };
-        let r = on_device(DeviceKind::parse(&a.encoder.device)?, job)?;
+        let r = on_device(DeviceKind::from_flag(&a.encoder.device)?, job)?;
         if !a.sets.json {
             println!(
                 "k-NN ({name} features, k {}, T {}): top-1 {:.2}%  top-5 {:.2}%  ({} train, {} val, {} classes)",

@@ -4,8 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::eval::{import_mmselfsup, is_torch_file};
-use crate::{checkpoint, train};
+use crate::weights::{self, WeightsFile};
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
@@ -22,15 +21,10 @@ pub struct ExportArgs {
 }
 
 pub(super) fn export_command(a: &ExportArgs) -> anyhow::Result<()> {
-    let device = Default::default();
-    let (ckpt, model, config, step) = if is_torch_file(&a.checkpoint) {
-        let (config, model, _) = import_mmselfsup::<burn::backend::Flex>(&a.checkpoint, &device)?;
-        (a.checkpoint.clone(), model, config, 0)
-    } else {
-        let ckpt = checkpoint::locate(&a.checkpoint)?;
-        let (model, config, step) = train::load_model::<burn::backend::Flex>(&ckpt, &device)?;
-        (ckpt, model, config, step)
-    };
+    crate::run_dir::check_file_writable(&a.out)?;
+    let file = WeightsFile::locate(&a.checkpoint)?;
+    let loaded = weights::load::<burn::backend::Flex>(&file, &Default::default())?;
+    let (ckpt, model, config, step) = (file.path(), loaded.model, loaded.config, loaded.step.unwrap_or(0));
     let tensors = crate::export::encoder_tensors(&model.encoder, a.format)?;
     let params: usize = tensors.iter().map(|t| t.data.len()).sum();
     let meta = [

@@ -39,7 +39,7 @@ pub(super) fn gpu_check_command(a: &GpuCheckArgs) -> anyhow::Result<()> {
     let cpu_seconds = t.elapsed().as_secs_f64();
     let dtype = crate::precision::Dtype::parse(&a.precision)?;
     let job = DeviceCheck { cfg: &cfg, weights: &weights, batch: &batch, steps: a.steps, dtype };
-    let (device_loss, timing) = on_device(DeviceKind::parse(&a.device)?, job)?;
+    let (device_loss, timing) = on_device(DeviceKind::from_flag(&a.device)?, job)?;
     let rel = ((device_loss - cpu_loss) / cpu_loss).abs();
     let tolerance = if a.precision == "f32" { 1e-3 } else { 2e-2 };
     let j = serde_json::json!({

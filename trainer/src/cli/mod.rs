@@ -9,6 +9,7 @@ mod eval;
 mod export;
 mod gpu_check;
 mod run;
+mod run_plan;
 mod tokens;
 
 use std::ffi::OsString;

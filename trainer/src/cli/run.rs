@@ -10,9 +10,9 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use clap::Args;
 
-use super::DALLE_CHECKPOINT;
-use super::device::{DeviceKind, OnBackend, on_device};
-use crate::builtin::{self, BuiltinData};
+use super::device::{OnBackend, on_device};
+use super::run_plan::{OutPlan, RunPlan, ShardPlan};
+use crate::builtin;
 use crate::checkpoint;
 use crate::config::RunConfig;
 use crate::run_dir;
@@ -34,8 +34,9 @@ pub struct RunArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Resume: a checkpoint file, or a run directory (its latest checkpoint); without a value,
-    /// the --out directory.
-    #[arg(long, num_args = 0..=1, value_name = "CKPT")]
+    /// the --out directory. `--resume auto`: continue the run in --out when it has a checkpoint,
+    /// else start it fresh (one command line for the first start and every requeue).
+    #[arg(long, num_args = 0..=1, value_name = "CKPT|auto")]
     pub resume: Option<Option<PathBuf>>,
     /// Prometheus endpoint (`off` disables it). Only loopback unless you ask otherwise.
     #[arg(long, default_value = "127.0.0.1:9464")]
@@ -64,12 +65,36 @@ pub struct RunArgs {
     pub force: bool,
     /// Initial weights: an mmselfsup CAE checkpoint (.pth, full or backbone only) or one of our
     /// checkpoints (weights only; optimizer, step and data start fresh).
-    #[arg(long, value_name = "CKPT")]
+    #[arg(long, value_name = "CKPT", conflicts_with = "resume")]
     pub init_from: Option<PathBuf>,
 }
 
+/// What `--resume` asks for.
+#[derive(Debug, PartialEq)]
+pub(super) enum ResumeMode {
+    /// A fresh run.
+    No,
+    /// `--resume` alone: the latest checkpoint in `--out`.
+    Out,
+    /// `--resume auto`: `--out`'s latest checkpoint if there is one, else a fresh run.
+    Auto,
+    /// `--resume PATH`.
+    Path(PathBuf),
+}
+
+impl RunArgs {
+    pub(super) fn resume_mode(&self) -> ResumeMode {
+        match &self.resume {
+            None => ResumeMode::No,
+            Some(None) => ResumeMode::Out,
+            Some(Some(p)) if p.as_os_str() == "auto" => ResumeMode::Auto,
+            Some(Some(p)) => ResumeMode::Path(p.clone()),
+        }
+    }
+}
+
 /// `runs/<YYYYmmdd-HHMMSS>` in UTC.
-fn timestamp_dir() -> PathBuf {
+pub(super) fn timestamp_dir() -> PathBuf {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -85,29 +110,8 @@ fn timestamp_dir() -> PathBuf {
     PathBuf::from("runs").join(format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60))
 }
 
-/// The flags that set config values (`--steps`, `--epochs`, `--checkpoint-every`), and the
-/// tokenizer weights' path made absolute (the config is stored in checkpoints: a resume from
-/// another working directory must find the file).
-fn apply_run_flags(config: &mut RunConfig, a: &RunArgs) {
-    if let Some(w) = &config.tokenizer.weights
-        && let Ok(abs) = std::path::absolute(w)
-    {
-        config.tokenizer.weights = Some(abs);
-    }
-    if let Some(n) = a.steps {
-        config.schedule.total_steps = Some(n);
-    }
-    if let Some(n) = a.epochs {
-        config.schedule.epochs = n;
-        config.schedule.total_steps = None;
-    }
-    if let Some(n) = a.checkpoint_every {
-        config.checkpoint.every = n;
-    }
-}
-
 /// Dotted keys whose values differ between two configs.
-fn config_differences(a: &RunConfig, b: &RunConfig) -> anyhow::Result<Vec<String>> {
+pub(super) fn config_differences(a: &RunConfig, b: &RunConfig) -> anyhow::Result<Vec<String>> {
     fn walk(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
         match (a, b) {
             (toml::Value::Table(x), toml::Value::Table(y)) => {
@@ -142,159 +146,120 @@ fn install_signal_handlers(stop: &Arc<AtomicBool>, signal: &Arc<AtomicUsize>) ->
         flag::register_usize(sig, Arc::clone(signal), sig as usize).context("installing signal handlers")?;
         flag::register(sig, Arc::clone(stop)).context("installing signal handlers")?;
     }
+    acknowledge_stop(Arc::clone(stop), Arc::clone(signal));
     Ok(())
+}
+
+/// Says at once that a stop was heard (the step in flight may take a while to finish): a thread
+/// that watches the flag the handlers set.
+fn acknowledge_stop(stop: Arc<AtomicBool>, signal: Arc<AtomicUsize>) {
+    let watch = move || {
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let name = match signal.load(Ordering::SeqCst) as i32 {
+            signal_hook::consts::SIGINT => "SIGINT",
+            signal_hook::consts::SIGTERM => "SIGTERM",
+            signal_hook::consts::SIGHUP => "SIGHUP",
+            _ => "a stop signal",
+        };
+        say_err!(
+            "{name} received: stopping after this step and writing a checkpoint (send it again to exit at once, \
+             without one)"
+        );
+    };
+    if let Err(e) = std::thread::Builder::new().name("stop-notice".into()).spawn(watch) {
+        tracing::warn!("cannot start the stop-notice thread: {e}");
+    }
 }
 
 pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
     super::init_tracing();
-    let device = DeviceKind::parse(&a.device)?;
+    let plan = RunPlan::from_args(&a)?;
+    start(plan)
+}
 
-    // Resume: the checkpoint's config, in the checkpoint's run dir.
-    let resume = match &a.resume {
-        None => None,
-        Some(path) => {
-            let base = match (path, &a.out) {
-                (Some(p), _) => p.clone(),
-                (None, Some(out)) => out.clone(),
-                (None, None) => super::usage!("--resume needs a checkpoint, a run directory, or --out"),
-            };
-            Some(checkpoint::locate(&base)?)
-        }
-    };
-
-    let mut resume_shards = None;
-    let mut config = match &resume {
-        Some(ckpt) => {
-            // The header only: the run reads the whole file once, when it loads it.
-            let header = checkpoint::Checkpoint::read_header(ckpt)?;
-            say!("resuming from {} (step {})", ckpt.display(), header.step);
-            resume_shards = header.shards.clone();
-            let saved = RunConfig::from_resolved_toml(&header.config)?;
-            // The launch command re-run with --resume (what job scripts do): its --config and
-            // --set must resolve to the saved config; a different one is refused, naming keys.
-            if a.config.is_some() || !a.sets.is_empty() {
-                let text = match &a.config {
-                    Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-                    None => super::MICRO_CONFIG.to_string(),
-                };
-                let mut given = RunConfig::resolve(Some(&text), &a.sets)?;
-                let mut theirs = saved.clone();
-                for c in [&mut given, &mut theirs] {
-                    apply_run_flags(c, &a);
-                }
-                let differ = config_differences(&given, &theirs)?;
-                if !differ.is_empty() {
-                    super::usage!(
-                        "--resume: --config/--set differ from the checkpoint's config in {}; drop them to continue \
-                         the saved run, or start a new run",
-                        differ.join(", ")
-                    );
-                }
-            }
-            saved
-        }
-        None => {
-            let text = match &a.config {
-                Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-                None => super::MICRO_CONFIG.to_string(),
-            };
-            RunConfig::resolve(Some(&text), &a.sets)?
-        }
-    };
-    if let (Some(n), Some(_)) = (a.steps, &resume)
-        && config.schedule.total_steps != Some(n)
-    {
-        say!("note: --steps {n} changes the lr schedule of the resumed run");
+/// Starts a planned run: the side effects, in order — the run dir and its lock, the built-in
+/// data, the metrics endpoint, the signal handlers — then the training itself.
+fn start(plan: RunPlan) -> anyhow::Result<()> {
+    for note in &plan.notes {
+        say!("{note}");
     }
-    apply_run_flags(&mut config, &a);
-    config.validate()?;
-    if config.model.target == crate::model::TargetKind::Pixels
-        && a.config.is_none()
-        && resume.is_none()
-        && !a.sets.iter().any(|s| s.starts_with("model.target"))
-    {
-        if Path::new(DALLE_CHECKPOINT).is_file() {
-            // The real tokenizer: DALL-E tokens (vocab 8192) of the 32 px view, one per patch.
-            config.model.target = crate::model::TargetKind::Dalle;
-            config.model.tokenizer = crate::model::DalleConfig::openai();
-            config.model.vocab_size = config.model.tokenizer.vocab_size;
-            config.tokenizer.weights = Some(std::path::absolute(DALLE_CHECKPOINT)?);
-            config.tokenizer.random_init = false;
-            config.validate()?;
-            say!("found {DALLE_CHECKPOINT}: training with the `dalle` target (DALL-E token cross-entropy)");
-        } else {
-            say!(
-                "{DALLE_CHECKPOINT} not found: training with the `pixels` target (per-patch normalised pixels, MSE) \
-                 instead of DALL-E tokens"
-            );
-        }
-    }
-
-    let shards = match &a.shards {
-        Some(s) => s.clone(),
-        None if resume.is_some() => match resume_shards {
-            Some(s) if cae_pipeline::redact::is_redacted(&s) => {
-                super::usage!(
-                    "--resume: the checkpoint's shard source had credentials (stored redacted: {s}); pass --shards"
-                )
-            }
-            Some(s) => s,
-            None => super::usage!("--resume: the checkpoint does not name its shards; pass --shards"),
-        },
-        None => {
-            let dir = builtin::ensure(&BuiltinData::under(&a.data_dir), &mut |l| say!("{l}"))?;
-            dir.to_string_lossy().into_owned()
-        }
+    let (run_dir, _lock) = open_run_dir(&plan)?;
+    let shards = match &plan.shards {
+        ShardPlan::Given(s) => s.clone(),
+        ShardPlan::Builtin(data) => builtin::ensure(data, &mut |l| say!("{l}"))?.to_string_lossy().into_owned(),
     };
-
-    // The run directory, locked for this process; a fresh run never writes into another run.
-    let stamp = timestamp_dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let run_dir = match (&a.out, &resume) {
-        (Some(o), _) => o.clone(),
-        (None, Some(ckpt)) => match checkpoint::run_dir_of(ckpt) {
-            Some(d) => d,
-            None => run_dir::create_unique(&timestamp_dir())?,
-        },
-        (None, None) => run_dir::create_unique(&timestamp_dir())?,
-    };
-    let _lock = run_dir::lock(&run_dir)?;
-    if resume.is_none() && run_dir::holds_run(&run_dir) {
-        if !a.force {
-            super::usage!(
-                "{} holds a run: --resume continues it, --force starts over (the old run is moved to {}/replaced-<time>/, \
-                 nothing is deleted)",
-                run_dir.display(),
-                run_dir.display()
-            );
-        }
-        let aside = run_dir::move_aside(&run_dir, &stamp)?;
-        say!("--force: the run that was in {} is now in {}", run_dir.display(), aside.display());
-    }
-
-    let metrics_url = if a.metrics_addr == "off" {
-        None
-    } else {
-        let addr: SocketAddr =
-            a.metrics_addr.parse().with_context(|| format!("--metrics-addr {:?}", a.metrics_addr))?;
-        if !addr.ip().is_loopback() {
-            say_err!(
-                "warning: --metrics-addr {addr} is not a loopback address: the metrics endpoint has no \
-                 authentication, anyone who can reach this port can read it"
-            );
-        }
-        match crate::metrics::install(addr) {
-            Ok(()) => Some(format!("http://{addr}/metrics")),
-            Err(e) => {
-                say_err!("warning: {e}; continuing without the Prometheus endpoint");
-                None
-            }
-        }
-    };
-
+    let metrics_url = plan.metrics_addr.and_then(start_metrics);
     let stop = Arc::new(AtomicBool::new(false));
     let signal = Arc::new(AtomicUsize::new(0));
     install_signal_handlers(&stop, &signal)?;
+    print_header(&plan, &run_dir, metrics_url.as_deref());
+    let opts = RunOptions {
+        run_dir,
+        shards,
+        resume: plan.resume.clone(),
+        stop,
+        progress: plan.progress,
+        init_from: plan.init_from.clone(),
+    };
+    let summary = on_device(plan.device, Train(&plan.config, &opts))?;
+    print_summary(&summary, metrics_url.as_deref());
+    if summary.interrupted {
+        // Stopped by a signal before the schedule's end, its checkpoint written: a scheduler
+        // (Kubernetes Job, Slurm requeue) must not take this for a finished run.
+        return Err(super::Stopped { signal: signal.load(Ordering::SeqCst) as i32 }.into());
+    }
+    Ok(())
+}
 
+/// The run directory, created and locked for this process; a fresh run never writes into another
+/// run (checked again under the lock: the plan's check ran before it was taken).
+fn open_run_dir(plan: &RunPlan) -> anyhow::Result<(PathBuf, run_dir::RunLock)> {
+    let run_dir = match &plan.out {
+        OutPlan::Dir(d) => d.clone(),
+        OutPlan::Fresh(base) => run_dir::create_unique(base)?,
+    };
+    let lock = run_dir::lock(&run_dir)?;
+    let stamp = timestamp_dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let taken = run_dir::holds_run(&run_dir);
+    if plan.resume.is_none() && taken && !plan.force {
+        super::usage!(
+            "{} holds a run: --resume continues it, --force starts over (the old run is moved to {}/replaced-<time>/, \
+             nothing is deleted)",
+            run_dir.display(),
+            run_dir.display()
+        );
+    }
+    if plan.resume.is_none() && (taken || run_dir::has_leftovers(&run_dir)) {
+        let aside = run_dir::move_aside(&run_dir, &stamp)?;
+        match taken {
+            true => say!("--force: the run that was in {} is now in {}", run_dir.display(), aside.display()),
+            false => say!("the step log of a run without a checkpoint in {} is now in {}", run_dir.display(), aside.display()),
+        }
+    }
+    Ok((run_dir, lock))
+}
+
+/// Binds the Prometheus endpoint; a failure is a warning (the run goes on without it).
+fn start_metrics(addr: SocketAddr) -> Option<String> {
+    if !addr.ip().is_loopback() {
+        say_err!(
+            "warning: --metrics-addr {addr} is not a loopback address: the metrics endpoint has no \
+             authentication, anyone who can reach this port can read it"
+        );
+    }
+    match crate::metrics::install(addr) {
+        Ok(()) => Some(format!("http://{addr}/metrics")),
+        Err(e) => {
+            say_err!("warning: {e}; continuing without the Prometheus endpoint");
+            None
+        }
+    }
+}
+
+fn print_header(plan: &RunPlan, run_dir: &Path, metrics_url: Option<&str>) {
+    let config = &plan.config;
     say!(
         "run {}: preset {:?}, target {:?}, batch {} x {} accumulation, peak lr {:.3e}, device {}, {}{}",
         run_dir.display(),
@@ -303,11 +268,11 @@ pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
         config.data.batch_size,
         config.optimizer.accumulation_steps,
         config.peak_lr(),
-        a.device,
+        plan.device_name,
         format!("{:?}", config.precision.dtype).to_lowercase(),
         if config.precision.scaling() { " with dynamic loss scaling" } else { "" }
     );
-    if device.is_cpu() {
+    if plan.device.is_cpu() {
         say!(
             "  threads     {} for the step (burn-flex on rayon; RAYON_NUM_THREADS), {} decode workers (data.workers)",
             rayon::current_num_threads(),
@@ -317,23 +282,7 @@ pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
     say!("  config      {}", run_dir.join(CONFIG_FILE).display());
     say!("  step log    {}", run_dir.join(STEP_LOG).display());
     say!("  checkpoints {}", run_dir.join(checkpoint::CHECKPOINT_DIR).display());
-    match &metrics_url {
-        Some(u) => say!("  metrics     {u}"),
-        None => say!("  metrics     off"),
-    }
-
-    if a.init_from.is_some() && resume.is_some() {
-        super::usage!("--init-from starts a fresh run; a resumed run takes its weights from the checkpoint");
-    }
-    let opts = RunOptions { run_dir, shards, resume, stop, progress: !a.no_progress, init_from: a.init_from.clone() };
-    let summary = on_device(device, Train(&config, &opts))?;
-    print_summary(&summary, metrics_url.as_deref());
-    if summary.interrupted {
-        // Stopped by a signal before the schedule's end, its checkpoint written: a scheduler
-        // (Kubernetes Job, Slurm requeue) must not take this for a finished run.
-        return Err(super::Stopped { signal: signal.load(Ordering::SeqCst) as i32 }.into());
-    }
-    Ok(())
+    say!("  metrics     {}", metrics_url.unwrap_or("off"));
 }
 
 /// `train::run` on a backend (with autodiff).
@@ -349,13 +298,14 @@ impl OnBackend for Train<'_> {
 fn print_summary(s: &RunSummary, metrics_url: Option<&str>) {
     let steps = s.end_step - s.start_step;
     say!(
-        "done: steps {} -> {} of {} in {:.1} s ({:.2} steps/s), data wait {:.1}% of step time{}",
+        "done: steps {} -> {} of {} in {:.1} s ({:.2} steps/s), data wait {:.1}% of step time (tokenizer {:.1}%){}",
         s.start_step,
         s.end_step,
         s.total_steps,
         s.seconds,
         steps as f64 / s.seconds.max(1e-9),
         100.0 * s.data_wait_fraction,
+        100.0 * s.tokenizer_wait_fraction,
         if s.interrupted { " (interrupted)" } else { "" }
     );
     if let (Some(a), Some(b), Some(ea), Some(lb)) = (s.first_loss, s.last_loss, s.early_mean_loss, s.late_mean_loss) {

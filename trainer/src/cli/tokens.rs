@@ -34,7 +34,7 @@ pub(super) fn tokens_command(a: &TokensArgs) -> anyhow::Result<()> {
     if a.size == 0 || !a.size.is_multiple_of(8) {
         bail!("--size {} must be a positive multiple of 8", a.size);
     }
-    let enc = crate::model::dalle_weights::load_dalle(size_cfg.init::<B>(&device), &a.tokenizer)?;
+    let enc = crate::weights::load_dalle(size_cfg.init::<B>(&device), &a.tokenizer)?;
     let grid = a.size / 8;
     let mut out = Vec::new();
     for path in &a.images {

@@ -3,14 +3,13 @@
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData, activation::log_softmax, backend::Backend};
 
+pub use super::config::{ALIGN_WEIGHT, NORM_PIX_EPS};
 use super::config::{CaeConfig, TargetKind};
 use super::decoder::Decoder;
 use super::encoder::{Encoder, copy_params_frozen, gather_tokens};
 use super::regressor::Regressor;
 use crate::CaeError;
 
-/// Weight λ of the alignment loss (spec §2.5); the default of `CaeConfig::align_weight`.
-pub const ALIGN_WEIGHT: f64 = 2.0;
 
 /// What the decoder is trained to predict, given for **every** patch (raster order); the model
 /// takes the masked entries itself, in batch-major, raster order (spec §2.5).
@@ -235,9 +234,6 @@ pub fn raw_pixel_targets<B: Backend>(images: Tensor<B, 4>, patch: usize) -> Tens
 pub fn pixel_targets<B: Backend>(images: Tensor<B, 4>, patch: usize) -> Tensor<B, 3> {
     pixel_targets_eps(images, patch, NORM_PIX_EPS)
 }
-
-/// MAE's variance floor of the per-patch normalisation (the default of `norm_pix_eps`).
-pub const NORM_PIX_EPS: f64 = 1e-6;
 
 /// [`pixel_targets`] with the variance floor `eps`: `(x - μ)/√(σ² + eps)`. A floor near the
 /// images' own variance (≈1 after the ImageNet normalisation) keeps a flat patch's noise from

@@ -5,6 +5,12 @@ use serde::{Deserialize, Serialize};
 use super::dalle::DalleConfig;
 use crate::CaeError;
 
+/// Weight λ of the alignment loss (spec §2.5); the default of `CaeConfig::align_weight`.
+pub const ALIGN_WEIGHT: f64 = 2.0;
+
+/// MAE's variance floor of the per-patch normalisation (the default of `norm_pix_eps`).
+pub const NORM_PIX_EPS: f64 = 1e-6;
+
 /// What the decoder predicts at the masked positions (spec §2.4, §2.5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,7 +44,9 @@ pub struct CaeConfig {
     pub decoder_depth: usize,
     /// Masked patches per sample: 75 in MS0, 98 in the authors' scripts (spec §1.1).
     pub num_mask: usize,
-    /// Size of the token vocabulary predicted by the head (`dalle` target).
+    /// Size of the token vocabulary predicted by the head (`dalle` target). In a run config it
+    /// follows `tokenizer.vocab_size` (`crate::config`'s derived keys).
+    #[serde(default)]
     pub vocab_size: usize,
     /// Stochastic depth rate, spread linearly over the blocks (0 in MS0, 0.1 in ORIG; spec §2.1).
     pub drop_path: f64,
@@ -64,11 +72,11 @@ pub struct CaeConfig {
 }
 
 fn default_norm_pix_eps() -> f64 {
-    super::cae::NORM_PIX_EPS
+    NORM_PIX_EPS
 }
 
 fn default_align_weight() -> f64 {
-    super::cae::ALIGN_WEIGHT
+    ALIGN_WEIGHT
 }
 
 fn default_norm_pix() -> bool {
@@ -94,9 +102,9 @@ impl CaeConfig {
             ln_eps: 1e-6,
             target: TargetKind::Dalle,
             tokenizer: DalleConfig::openai(),
-            align_weight: super::cae::ALIGN_WEIGHT,
+            align_weight: ALIGN_WEIGHT,
             norm_pix_loss: true,
-            norm_pix_eps: super::cae::NORM_PIX_EPS,
+            norm_pix_eps: NORM_PIX_EPS,
         }
     }
 
@@ -128,9 +136,9 @@ impl CaeConfig {
             ln_eps: 1e-6,
             target: TargetKind::Dalle,
             tokenizer: DalleConfig::micro(),
-            align_weight: super::cae::ALIGN_WEIGHT,
+            align_weight: ALIGN_WEIGHT,
             norm_pix_loss: true,
-            norm_pix_eps: super::cae::NORM_PIX_EPS,
+            norm_pix_eps: NORM_PIX_EPS,
         }
     }
 

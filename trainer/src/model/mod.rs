@@ -11,17 +11,13 @@ pub mod block;
 pub mod cae;
 pub mod config;
 pub mod dalle;
-pub mod dalle_weights;
 pub mod decoder;
 pub mod encoder;
 pub mod fused;
 pub mod init;
 pub mod linear;
-pub mod mmselfsup_weights;
 pub mod pos_embed;
 pub mod regressor;
-pub mod torch_file;
-pub mod torch_pickle;
 
 pub use cae::{
     Cae, CaeForward, CaeOutput, CaeTargets, MaskIndices, mask_index_tensors, mask_to_indices, pixel_targets,

@@ -7,7 +7,11 @@
 //! tokenised, and the step thread only launches kernels. On CUDA and wgpu each thread has its
 //! own stream; cubecl orders the step's use of a batch after the feeder's work on it.
 //!
-//! The time the step loop waits in [`Feeder::next`] is its `data_wait_seconds`. While it waits
+//! The time the step loop waits in [`Feeder::next`] is its `data_wait_seconds`; the part of it
+//! during which the feeder was computing that batch's targets (the tokenizer's forward, mostly)
+//! is its tokenizer wait ([`DataWait`]), so a slow tokenizer is not mistaken for a slow
+//! pipeline. (On a GPU the feeder's work is queued, not waited for: there the tokenizer's cost
+//! shows in the step time instead.) While it waits
 //! it runs queued rayon work ([`rayon::yield_now`]): the step loop runs on a worker of rayon's
 //! pool (`cli::main_from`) and the feeder's CPU kernels (burn-flex) are injected into that pool,
 //! so with one rayon thread a plain blocking wait would deadlock.
@@ -44,6 +48,28 @@ pub struct DeviceBatch<B: Backend> {
     pub resume: LoaderState,
     pub epoch: u64,
     pub size: usize,
+    /// When the feeder got the host batch from the pipeline, and when it had uploaded it and
+    /// computed its targets.
+    pub loaded_at: Instant,
+    pub ready_at: Instant,
+}
+
+/// Seconds the step loop waited for ready batches, and the part of them during which the feeder
+/// was preparing the batch (upload, normalisation, targets) rather than waiting on the pipeline.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DataWait {
+    pub total: f64,
+    pub tokenizer: f64,
+}
+
+impl DataWait {
+    /// Adds a wait from `from` to `to` for a batch the feeder prepared from `loaded_at` to
+    /// `ready_at`: the overlap of the two intervals is tokenizer time.
+    pub fn add(&mut self, from: Instant, to: Instant, loaded_at: Instant, ready_at: Instant) {
+        self.total += to.saturating_duration_since(from).as_secs_f64();
+        let (start, end) = (from.max(loaded_at), to.min(ready_at));
+        self.tokenizer += end.saturating_duration_since(start).as_secs_f64();
+    }
 }
 
 /// `u32` host indices `[b, n]` as a device int tensor.
@@ -120,6 +146,7 @@ pub fn prepare<B: Backend>(
             c.num_mask
         )));
     }
+    let loaded_at = Instant::now();
     let images = normalize_on_device::<B>(batch.views.clone(), [b, 3, s, s], device);
     let targets = match (c.target, tokenizer) {
         (TargetKind::Dalle, Some(tok)) => {
@@ -140,6 +167,8 @@ pub fn prepare<B: Backend>(
         resume: batch.resume,
         epoch: batch.epoch,
         size: b,
+        loaded_at,
+        ready_at: Instant::now(),
     })
 }
 
@@ -213,7 +242,7 @@ impl<B: Backend> Feeder<B> {
     }
 
     /// The next ready batch (`Ok(None)`: the data ended); adds the time waited to `wait`.
-    pub fn next(&self, wait: &mut f64) -> Result<Option<DeviceBatch<B>>, CaeError> {
+    pub fn next(&self, wait: &mut DataWait) -> Result<Option<DeviceBatch<B>>, CaeError> {
         let Some(rx) = &self.rx else { return Ok(None) };
         let t = Instant::now();
         let msg = loop {
@@ -231,7 +260,11 @@ impl<B: Backend> Feeder<B> {
                 Err(RecvTimeoutError::Disconnected) => break None,
             }
         };
-        *wait += t.elapsed().as_secs_f64();
+        let now = Instant::now();
+        match &msg {
+            Some(Ok(Some(b))) => wait.add(t, now, b.loaded_at, b.ready_at),
+            _ => wait.add(t, now, now, now),
+        }
         msg.unwrap_or_else(|| Err(CaeError::Data("the device feeder stopped without a word".into())))
     }
 }
@@ -273,6 +306,23 @@ fn feed<B: Backend>(
 mod tests {
     use super::*;
     use burn::backend::Flex;
+
+    /// The tokenizer part of a wait is the overlap of the wait with the batch's preparation.
+    #[test]
+    fn tokenizer_wait_is_the_overlap_with_the_preparation() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut w = DataWait::default();
+        // Waited 0..100 ms; the feeder prepared the batch 40..90 ms (waited on the pipeline before).
+        w.add(at(0), at(100), at(40), at(90));
+        assert!((w.total - 0.1).abs() < 1e-9 && (w.tokenizer - 0.05).abs() < 1e-9, "{w:?}");
+        // A batch ready before the wait began adds no tokenizer time.
+        w.add(at(200), at(201), at(150), at(190));
+        assert!((w.total - 0.101).abs() < 1e-9 && (w.tokenizer - 0.05).abs() < 1e-9, "{w:?}");
+        // Preparation spanning the whole wait: all of it is tokenizer time.
+        w.add(at(300), at(310), at(250), at(400));
+        assert!((w.tokenizer - 0.06).abs() < 1e-9, "{w:?}");
+    }
 
     /// Bytes reach the device unchanged through both upload paths (u8 tensors, and i32 words
     /// unpacked on the device), including a length that is not a multiple of 4.

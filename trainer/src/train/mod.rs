@@ -4,9 +4,11 @@
 //! - [`run`] (here): the run's setup: run dir, model, tokenizer, optimizer, resume, loader.
 //! - [`feeder`]: the device-feeder thread (u8 upload, normalisation and targets on the device).
 //! - [`steps`]: the step loop (lazy read-backs, loss scaling, checkpoints).
+//! - [`listeners`]: what hangs off the loop (step log file, Prometheus, console).
 //! - [`step_log`]: the per-step log, `metrics.jsonl`.
 
 pub mod feeder;
+mod listeners;
 pub mod step_log;
 mod steps;
 
@@ -24,13 +26,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::CaeError;
 use crate::checkpoint::{self, Checkpoint, CheckpointHeader, encode_record};
 use crate::config::RunConfig;
-use crate::metrics as m;
-use crate::model::dalle_weights::load_dalle;
 use crate::model::{Cae, DalleEncoder, TargetKind};
 use crate::optim::CaeOptimizer;
 use crate::precision::LossScaler;
 
-pub use feeder::{BatchSource, DeviceBatch, Feeder, Synthetic, normalize_on_device, upload_pixels};
+pub use feeder::{BatchSource, DataWait, DeviceBatch, Feeder, Synthetic, normalize_on_device, upload_pixels};
 pub use step_log::{STEP_LOG, StepLog, read_step_log};
 pub use steps::nonfinite_count;
 
@@ -38,7 +38,8 @@ pub use steps::nonfinite_count;
 pub const CONFIG_FILE: &str = "config.toml";
 /// Test hook (only with feature `test-hooks`, which the tests enable): after completing this
 /// step (and its checkpoint, if due) the loop prints `hang after step N` to stderr and sleeps
-/// forever, so a test can kill -9 it at a known point.
+/// forever, so a test can kill -9 it at a known point. `0` holds a fresh run before its first
+/// step (everything set up, the metrics endpoint serving).
 pub const HANG_ENV: &str = "CAE_TRAINER_TEST_HANG_AFTER_STEP";
 
 /// Where and how a run goes (the config says what it is).
@@ -78,6 +79,8 @@ pub struct RunSummary {
     pub seconds: f64,
     /// Sum of data wait over sum of step time.
     pub data_wait_fraction: f64,
+    /// The part of the data wait the feeder spent preparing batches (the tokenizer, mostly).
+    pub tokenizer_wait_fraction: f64,
     pub last_checkpoint: Option<PathBuf>,
     /// Stopped by a signal before the end of the schedule.
     pub interrupted: bool,
@@ -105,7 +108,6 @@ impl<B: AutodiffBackend> Saver<'_, B> {
         optimizer: &CaeOptimizer<B, Cae<B>>,
         scaler: &LossScaler,
     ) -> Result<PathBuf, CaeError> {
-        let t = Instant::now();
         crate::readback::count_sync(); // every weight is read back
         let mut sections = vec![
             ("model", encode_record::<B, _>(model.clone().into_record())?),
@@ -129,8 +131,6 @@ impl<B: AutodiffBackend> Saver<'_, B> {
         };
         let path = checkpoint::write(self.run_dir, &header, &sections, self.config.checkpoint.keep_last)?;
         self.parent = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        ::metrics::counter!(m::CHECKPOINTS).increment(1);
-        ::metrics::histogram!(m::CHECKPOINT_SECONDS).record(t.elapsed().as_secs_f64());
         Ok(path)
     }
 }
@@ -193,6 +193,70 @@ pub fn run_from<B: AutodiffBackend>(
     make_source: impl FnOnce(LoaderState) -> Result<Box<dyn BatchSource>, CaeError>,
 ) -> Result<RunSummary, CaeError> {
     let started = Instant::now();
+    check_precision::<B>(config, device)?;
+    let run_dir = &opts.run_dir;
+    fs::create_dir_all(run_dir).map_err(CaeError::io(run_dir))?;
+    let config_toml = config.to_toml()?;
+    let config_path = run_dir.join(CONFIG_FILE);
+    fs::write(&config_path, &config_toml).map_err(CaeError::io(&config_path))?;
+    let start = restore::<B>(config, opts, device)?;
+    let step_log = open_step_log(run_dir, start.step)?;
+    let source = make_source(start.loader_state)?;
+    let accum = config.optimizer.accumulation_steps;
+    let schedule = config.lr_schedule(source.batches_per_epoch().map(|b| b / accum as u64))?;
+    let total = schedule.total_iters as u64;
+    let pb = progress_bar(opts.progress, total, start.step);
+    let mut summary = RunSummary::starting(run_dir, start.step, total);
+    if start.step >= total {
+        say(&pb, format!("nothing to do: step {} is the end of the schedule ({total} steps)", start.step));
+        return Ok(summary);
+    }
+    // The feeder owns the source and runs the tokenizer; the saver keeps a handle to a random
+    // tokenizer's weights for the checkpoints.
+    let feeder = Feeder::spawn(source, config.clone(), start.tokenizer.clone(), device.clone())?;
+    let (tokenizer, parent) = (start.tokenizer, start.parent);
+    let saver = Saver { run_dir, config, config_toml: &config_toml, shards: &opts.shards, tokenizer, parent };
+    let parts = steps::LoopParts {
+        config,
+        opts,
+        saver,
+        optimizer: start.optimizer,
+        scaler: start.scaler,
+        feeder,
+        schedule,
+        step_log,
+        pb,
+        step: start.step,
+        loader_state: start.loader_state,
+        summary,
+    };
+    summary = steps::StepLoop::new(parts).run(start.model)?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+impl RunSummary {
+    fn starting(run_dir: &Path, step: u64, total: u64) -> Self {
+        Self {
+            run_dir: run_dir.to_path_buf(),
+            start_step: step,
+            end_step: step,
+            total_steps: total,
+            first_loss: None,
+            last_loss: None,
+            early_mean_loss: None,
+            late_mean_loss: None,
+            seconds: 0.0,
+            data_wait_fraction: 0.0,
+            tokenizer_wait_fraction: 0.0,
+            last_checkpoint: None,
+            interrupted: false,
+        }
+    }
+}
+
+/// An autocast type the device cannot do is a config error at start.
+fn check_precision<B: AutodiffBackend>(config: &RunConfig, device: &B::Device) -> Result<(), CaeError> {
     if let Some(h) = crate::amp::half_of(config.precision.dtype)
         && !B::InnerBackend::supports_dtype(device, h)
     {
@@ -202,13 +266,23 @@ pub fn run_from<B: AutodiffBackend>(
             B::InnerBackend::name(device)
         )));
     }
-    let run_dir = &opts.run_dir;
-    fs::create_dir_all(run_dir).map_err(CaeError::io(run_dir))?;
-    let config_toml = config.to_toml()?;
-    let config_path = run_dir.join(CONFIG_FILE);
-    fs::write(&config_path, &config_toml).map_err(CaeError::io(&config_path))?;
+    Ok(())
+}
 
-    // Model, tokenizer and optimizer; a checkpoint overwrites all of them.
+/// Where a run starts: the model, tokenizer, optimizer and loss scaler, fresh (from the seed, or
+/// `--init-from`'s weights) or from the checkpoint it resumes, and the step and loader state.
+struct Start<B: AutodiffBackend> {
+    model: Cae<B>,
+    tokenizer: Option<DalleEncoder<B::InnerBackend>>,
+    optimizer: CaeOptimizer<B, Cae<B>>,
+    scaler: LossScaler,
+    step: u64,
+    loader_state: LoaderState,
+    /// File name of the checkpoint resumed from (the next one's `parent`).
+    parent: Option<String>,
+}
+
+fn restore<B: AutodiffBackend>(config: &RunConfig, opts: &RunOptions, device: &B::Device) -> Result<Start<B>, CaeError> {
     // Initial weights come from the seed alone (model/init.rs); burn's RNG, seeded too, serves
     // the per-step randomness (drop path).
     B::seed(device, config.seed);
@@ -222,61 +296,59 @@ pub fn run_from<B: AutodiffBackend>(
     if let Some(path) = &config.tokenizer.weights
         && let Some(tok) = tokenizer.take()
     {
-        tokenizer = Some(load_dalle(tok, path)?);
+        tokenizer = Some(crate::weights::load_dalle(tok, path)?);
     }
-    let ck = opts.resume.as_deref().map(Checkpoint::read).transpose()?; // read once
-    let mut scaler = LossScaler::new(&config.precision);
-    let mut optimizer_record = None;
-    let (step, loader_state) = match &ck {
-        Some(ck) => {
-            model = model.load_record(ck.record::<B, _>("model", device)?);
-            if config.tokenizer.weights.is_none()
-                && let Some(tok) = tokenizer.take()
-            {
-                tokenizer = Some(tok.load_record(ck.record::<B::InnerBackend, _>("tokenizer", device)?));
-            }
-            optimizer_record = Some(ck.record::<B, _>("optimizer", device)?);
-            if let Some(s) = ck.header.loss_scaler.filter(|_| scaler.enabled) {
-                scaler = s;
-            }
-            (ck.header.step, ck.header.loader)
+    let Some(ck) = opts.resume.as_deref().map(Checkpoint::read).transpose()? else {
+        if let Some(path) = &opts.init_from {
+            model = crate::weights::init_pretraining(model, path, config, device)?;
         }
-        None => {
-            if let Some(path) = &opts.init_from {
-                model = init_weights(model, path, config, device)?;
-            }
-            (0, LoaderState::default())
-        }
+        let optimizer = CaeOptimizer::new(&config.optim_config(), &model);
+        let scaler = LossScaler::new(&config.precision);
+        return Ok(Start { model, tokenizer, optimizer, scaler, step: 0, loader_state: LoaderState::default(), parent: None });
     };
-    // Resuming from an older checkpoint of this run rewinds it: the abandoned branch's later
-    // checkpoints move aside (never deleted), so "latest" means the newest of this lineage.
-    let parent = opts.resume.as_ref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
-    if let Some(resumed) = &opts.resume
-        && checkpoint::run_dir_of(resumed).is_some_and(|d| same_dir(&d, run_dir))
+    model = model.load_record(ck.record::<B, _>("model", device)?);
+    if config.tokenizer.weights.is_none()
+        && let Some(tok) = tokenizer.take()
     {
+        tokenizer = Some(tok.load_record(ck.record::<B::InnerBackend, _>("tokenizer", device)?));
+    }
+    // The optimizer's groups are keyed by parameter id, which the model record restores: build
+    // it from the loaded model.
+    let optimizer = CaeOptimizer::new(&config.optim_config(), &model).load_record(ck.record::<B, _>("optimizer", device)?);
+    let mut scaler = LossScaler::new(&config.precision);
+    if let Some(s) = ck.header.loss_scaler.filter(|_| scaler.enabled) {
+        scaler = s;
+    }
+    let (step, loader_state) = (ck.header.step, ck.header.loader);
+    drop(ck);
+    let parent = rewind_lineage(opts, step)?;
+    Ok(Start { model, tokenizer, optimizer, scaler, step, loader_state, parent })
+}
+
+/// Resuming from an older checkpoint of this run rewinds it: the abandoned branch's later
+/// checkpoints move aside (never deleted), so "latest" means the newest of this lineage. Returns
+/// the resumed checkpoint's file name (the next checkpoint's `parent`).
+fn rewind_lineage(opts: &RunOptions, step: u64) -> Result<Option<String>, CaeError> {
+    let Some(resumed) = &opts.resume else { return Ok(None) };
+    if checkpoint::run_dir_of(resumed).is_some_and(|d| same_dir(&d, &opts.run_dir)) {
         let stamp = format!("step{step}-{}", std::process::id());
-        if let Some(aside) = checkpoint::abandon_after(run_dir, step, &stamp)? {
+        if let Some(aside) = checkpoint::abandon_after(&opts.run_dir, step, &stamp)? {
             say!("rewound to step {step}: the later checkpoints of the abandoned branch are in {}", aside.display());
         }
     }
-    drop(ck);
-    // The optimizer's groups are keyed by parameter id, which the model record restores: build
-    // it from the loaded model.
-    let mut optimizer = CaeOptimizer::new(&config.optim_config(), &model);
-    if let Some(record) = optimizer_record {
-        optimizer = optimizer.load_record(record);
-    }
-    let log_path = run_dir.join(STEP_LOG);
-    step_log::truncate_step_log(&log_path, step)?;
-    let log = fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(CaeError::io(&log_path))?;
+    Ok(resumed.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
 
-    let source = make_source(loader_state)?;
-    let accum = config.optimizer.accumulation_steps;
-    let per_epoch = source.batches_per_epoch().map(|b| b / accum as u64);
-    let schedule = config.lr_schedule(per_epoch)?;
-    let total = schedule.total_iters as u64;
+/// `metrics.jsonl`, its lines after `step` dropped (a resumed run rewrites what came after).
+fn open_step_log(run_dir: &Path, step: u64) -> Result<listeners::StepLogFile, CaeError> {
+    let path = run_dir.join(STEP_LOG);
+    step_log::truncate_step_log(&path, step)?;
+    let file = fs::OpenOptions::new().create(true).append(true).open(&path).map_err(CaeError::io(&path))?;
+    Ok(listeners::StepLogFile { file, path })
+}
 
-    let pb = if opts.progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
+fn progress_bar(shown: bool, total: u64, step: u64) -> ProgressBar {
+    let pb = if shown { ProgressBar::new(total) } else { ProgressBar::hidden() };
     if let Ok(style) =
         ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} elapsed {elapsed} ETA {eta}")
     {
@@ -284,88 +356,7 @@ pub fn run_from<B: AutodiffBackend>(
     }
     pb.set_position(step);
     pb.reset_eta();
-
-    let mut summary = RunSummary {
-        run_dir: run_dir.clone(),
-        start_step: step,
-        end_step: step,
-        total_steps: total,
-        first_loss: None,
-        last_loss: None,
-        early_mean_loss: None,
-        late_mean_loss: None,
-        seconds: 0.0,
-        data_wait_fraction: 0.0,
-        last_checkpoint: None,
-        interrupted: false,
-    };
-    if step >= total {
-        say(&pb, format!("nothing to do: step {step} is the end of the schedule ({total} steps)"));
-        return Ok(summary);
-    }
-
-    // The feeder owns the source and runs the tokenizer; the saver keeps a handle to a random
-    // tokenizer's weights for the checkpoints.
-    let feeder = Feeder::spawn(source, config.clone(), tokenizer.clone(), device.clone())?;
-    let saver = Saver { run_dir, config, config_toml: &config_toml, shards: &opts.shards, tokenizer, parent };
-    let steps = steps::StepLoop::new(
-        config,
-        opts,
-        saver,
-        optimizer,
-        scaler,
-        feeder,
-        schedule,
-        (log, log_path),
-        pb,
-        step,
-        loader_state,
-        summary.clone(),
-    );
-    summary = steps.run(model)?;
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
-}
-
-/// Model weights of a fresh run from `path` (see [`RunOptions::init_from`]).
-fn init_weights<B: AutodiffBackend>(
-    model: Cae<B>,
-    path: &Path,
-    config: &RunConfig,
-    device: &B::Device,
-) -> Result<Cae<B>, CaeError> {
-    if crate::model::mmselfsup_weights::is_torch_checkpoint(path) {
-        let (model, r) = crate::model::mmselfsup_weights::load_mmselfsup(model, path)?;
-        tracing::info!("initial weights from {} ({} form, {} tensors)", path.display(), r.form, r.loaded);
-        say!(
-            "initial weights: {} (mmselfsup {} checkpoint: encoder{}{})",
-            path.display(),
-            r.form,
-            if r.teacher { ", teacher" } else { "; teacher = encoder copy" },
-            if r.neck { ", regressor and decoder" } else { "; regressor and decoder freshly initialised" }
-        );
-        return Ok(model);
-    }
-    let ckpt = crate::checkpoint::locate(path)?;
-    let ck = Checkpoint::read(&ckpt)?;
-    let theirs = RunConfig::from_resolved_toml(&ck.header.config)?;
-    if theirs.model != config.model {
-        return Err(CaeError::Checkpoint {
-            path: ckpt,
-            reason: "its model config differs from this run's (preset, sizes or target)".into(),
-        });
-    }
-    say!("initial weights: {} (step {}; optimizer and data start fresh)", ckpt.display(), ck.header.step);
-    Ok(model.load_record(ck.record::<B, _>("model", device)?))
-}
-
-/// The model of a checkpoint (for export and evaluation), on `device`.
-pub fn load_model<B: Backend>(path: &Path, device: &B::Device) -> Result<(Cae<B>, RunConfig, u64), CaeError> {
-    let ck = Checkpoint::read(path)?;
-    let config = RunConfig::from_resolved_toml(&ck.header.config)?;
-    let model = Cae::<B>::new(&config.model, device)?;
-    let model = model.load_record(ck.record::<B, _>("model", device)?);
-    Ok((model, config, ck.header.step))
+    pb
 }
 
 #[cfg(test)]

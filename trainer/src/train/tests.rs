@@ -2,6 +2,7 @@
 //! non-finite handling, the tokenizer's weights, autocast, lazy host syncs.
 
 use super::*;
+use crate::weights::load_model;
 use burn::backend::{Autodiff, Flex};
 use std::sync::atomic::Ordering;
 

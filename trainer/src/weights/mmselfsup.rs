@@ -37,8 +37,8 @@ use burn::tensor::{Tensor, TensorData};
 use burn_store::pytorch::PytorchReader;
 use burn_store::{ModuleSnapshot, PytorchStore};
 
-use super::cae::Cae;
-use super::encoder::copy_params_frozen;
+use crate::model::Cae;
+use crate::model::encoder::copy_params_frozen;
 use crate::error::CaeError;
 
 /// What an import found and did.

@@ -305,7 +305,7 @@ mod tests {
         let mut w = zip::ZipWriter::new(File::create(&p).unwrap());
         let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
         w.start_file("view/data.pkl", opts).unwrap();
-        w.write_all(&crate::model::torch_pickle::tests::state_dict()).unwrap();
+        w.write_all(&crate::weights::torch_pickle::tests::state_dict()).unwrap();
         w.start_file("view/data/0", opts).unwrap();
         w.write_all(&[0u8; 24]).unwrap();
         w.finish().unwrap();
