@@ -286,12 +286,17 @@ impl RunConfig {
         self.validate()
     }
 
-    /// The resolved config as TOML, without the derived keys.
+    /// The resolved config as TOML, without the derived keys. (A value TOML's integers cannot
+    /// hold — `log_every = u64::MAX` in `trainer bench` — keeps them: they agree anyway.)
     pub fn to_toml(&self) -> Result<String, CaeError> {
-        let mut table =
-            toml::Table::try_from(self).map_err(|e| CaeError::Config(format!("serialising config: {e}")))?;
-        derived::strip(&mut table);
-        toml::to_string_pretty(&table).map_err(|e| CaeError::Config(format!("serialising config: {e}")))
+        let text = match toml::Table::try_from(self) {
+            Ok(mut table) => {
+                derived::strip(&mut table);
+                toml::to_string_pretty(&table)
+            }
+            Err(_) => toml::to_string_pretty(self),
+        };
+        text.map_err(|e| CaeError::Config(format!("serialising config: {e}")))
     }
 
     /// Cross-checks the sections (model vs data vs masking vs tokenizer).
