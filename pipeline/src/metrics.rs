@@ -34,8 +34,18 @@ pub const QUEUE_DEPTH: &str = "cae_pipeline_queue_depth";
 pub const IMAGES_PER_SECOND: &str = "cae_pipeline_images_per_second";
 
 /// Every value of [`ERRORS`]' `kind` label.
-pub const ERROR_KINDS: &[&str] =
-    &["decode", "too_large", "missing_image", "missing_class", "bad_class", "format", "augment", "mask", "panic", "tar"];
+pub const ERROR_KINDS: &[&str] = &[
+    "decode",
+    "too_large",
+    "missing_image",
+    "missing_class",
+    "bad_class",
+    "format",
+    "augment",
+    "mask",
+    "panic",
+    "tar",
+];
 
 /// Every value of [`HTTP_RETRIES`]' `kind` label.
 pub const HTTP_RETRY_KINDS: &[&str] = &["network", "status", "low_speed"];

@@ -254,8 +254,7 @@ impl RunConfig {
         let mut user = file_table;
         merge(&mut user, set_table);
         merge(&mut merged, user.clone());
-        let mut config: Self =
-            toml::Value::Table(merged).try_into().map_err(|e| CaeError::Config(format!("{e}")))?;
+        let mut config: Self = toml::Value::Table(merged).try_into().map_err(|e| CaeError::Config(format!("{e}")))?;
         derived::derive(&mut config, &user)?;
         config.validate()?;
         Ok(config)
@@ -275,8 +274,8 @@ impl RunConfig {
     /// Re-derives the data sizes after code changed the model section (the built-in run's
     /// switch to the DALL-E target), then validates.
     pub fn rederive(&mut self) -> Result<(), CaeError> {
-        let set = toml::Table::try_from(&self.model)
-            .map_err(|e| CaeError::Config(format!("serialising config: {e}")))?;
+        let set =
+            toml::Table::try_from(&self.model).map_err(|e| CaeError::Config(format!("serialising config: {e}")))?;
         let mut user = toml::Table::new();
         user.insert("model".into(), toml::Value::Table(set));
         if let Some(m) = user.get_mut("model").and_then(toml::Value::as_table_mut) {

@@ -35,8 +35,7 @@ pub fn holds_run(dir: &Path) -> bool {
 /// Whether `dir` holds what a run without a checkpoint left that is worth keeping: a step log
 /// with lines (a fresh run moves it aside rather than truncate it).
 pub fn has_leftovers(dir: &Path) -> bool {
-    RUN_MARKERS.iter().any(|m| dir.join(m).exists())
-        && fs::metadata(dir.join(STEP_LOG)).is_ok_and(|m| m.len() > 0)
+    RUN_MARKERS.iter().any(|m| dir.join(m).exists()) && fs::metadata(dir.join(STEP_LOG)).is_ok_and(|m| m.len() > 0)
 }
 
 /// Checks, without creating anything, that a file can be written at `path` (an output such as

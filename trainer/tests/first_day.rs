@@ -23,9 +23,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_trainer");
 /// `trainer run` on `shards` into `out`: micro, pixels, batch 4, no metrics, no progress bar.
 fn args(shards: &str, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
     let out = out.to_string_lossy();
-    let mut a: Vec<String> = ["run", "--shards", shards, "--out", &out, "--metrics-addr", "off", "--no-progress"]
-        .map(String::from)
-        .to_vec();
+    let mut a: Vec<String> =
+        ["run", "--shards", shards, "--out", &out, "--metrics-addr", "off", "--no-progress"].map(String::from).to_vec();
     a.extend(["--steps".into(), steps.to_string()]);
     for set in ["data.batch_size=4", "data.workers=1", "data.shuffle_buffer=8", "model.target=\"pixels\""] {
         a.extend(["--set".into(), set.into()]);

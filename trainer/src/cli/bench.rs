@@ -76,7 +76,8 @@ pub(super) fn bench_command(a: &BenchArgs) -> anyhow::Result<()> {
             flops / 1e9
         );
     }
-    let (syn, pipe) = on_device(DeviceKind::from_flag(&a.device)?, Bench { config: &config, shards: &shards, a, scratch })?;
+    let (syn, pipe) =
+        on_device(DeviceKind::from_flag(&a.device)?, Bench { config: &config, shards: &shards, a, scratch })?;
     let summarize = |log: &[crate::train::StepLog]| crate::bench::summarize(log, a.warmup, flops, a.peak_tflops);
     let (syn, pipe) = (summarize(&syn), pipe.as_deref().map(summarize));
     if a.json {

@@ -235,7 +235,11 @@ fn open_run_dir(plan: &RunPlan) -> anyhow::Result<(PathBuf, run_dir::RunLock)> {
         let aside = run_dir::move_aside(&run_dir, &stamp)?;
         match taken {
             true => say!("--force: the run that was in {} is now in {}", run_dir.display(), aside.display()),
-            false => say!("the step log of a run without a checkpoint in {} is now in {}", run_dir.display(), aside.display()),
+            false => say!(
+                "the step log of a run without a checkpoint in {} is now in {}",
+                run_dir.display(),
+                aside.display()
+            ),
         }
     }
     Ok((run_dir, lock))

@@ -138,8 +138,9 @@ fn plan_resume(a: &RunArgs, notes: &mut Vec<String>) -> anyhow::Result<Option<Pa
 /// The `--config` file's text (the built-in micro config without one).
 fn config_text(a: &RunArgs) -> anyhow::Result<String> {
     match &a.config {
-        Some(p) => std::fs::read_to_string(p)
-            .map_err(|e| CaeError::Config(format!("--config {}: {e}", p.display())).into()),
+        Some(p) => {
+            std::fs::read_to_string(p).map_err(|e| CaeError::Config(format!("--config {}: {e}", p.display())).into())
+        }
         None => Ok(super::MICRO_CONFIG.to_string()),
     }
 }

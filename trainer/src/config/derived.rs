@@ -52,13 +52,8 @@ pub fn derive(config: &mut RunConfig, user: &toml::Table) -> Result<(), CaeError
         m.num_mask = scaled_num_mask(config.preset, m.num_patches());
     }
     m.vocab_size = m.tokenizer.vocab_size;
-    let values = [
-        m.img_size,
-        m.target_view_size(),
-        if m.patch_size > 0 { m.grid_size() } else { 0 },
-        m.num_mask,
-        m.vocab_size,
-    ];
+    let values =
+        [m.img_size, m.target_view_size(), if m.patch_size > 0 { m.grid_size() } else { 0 }, m.num_mask, m.vocab_size];
     for ((key, instead), derived) in DERIVED.iter().zip(values) {
         if let Some(given) = get(user, key)
             && given.as_integer() != i64::try_from(derived).ok()

@@ -10,7 +10,6 @@ use super::encoder::{Encoder, copy_params_frozen, gather_tokens};
 use super::regressor::Regressor;
 use crate::CaeError;
 
-
 /// What the decoder is trained to predict, given for **every** patch (raster order); the model
 /// takes the masked entries itself, in batch-major, raster order (spec §2.5).
 #[derive(Clone, Debug)]

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
 
-use super::step_log::StepLog;
 use super::say;
+use super::step_log::StepLog;
 use crate::CaeError;
 use crate::metrics as m;
 

@@ -282,7 +282,11 @@ struct Start<B: AutodiffBackend> {
     parent: Option<String>,
 }
 
-fn restore<B: AutodiffBackend>(config: &RunConfig, opts: &RunOptions, device: &B::Device) -> Result<Start<B>, CaeError> {
+fn restore<B: AutodiffBackend>(
+    config: &RunConfig,
+    opts: &RunOptions,
+    device: &B::Device,
+) -> Result<Start<B>, CaeError> {
     // Initial weights come from the seed alone (model/init.rs); burn's RNG, seeded too, serves
     // the per-step randomness (drop path).
     B::seed(device, config.seed);
@@ -304,7 +308,15 @@ fn restore<B: AutodiffBackend>(config: &RunConfig, opts: &RunOptions, device: &B
         }
         let optimizer = CaeOptimizer::new(&config.optim_config(), &model);
         let scaler = LossScaler::new(&config.precision);
-        return Ok(Start { model, tokenizer, optimizer, scaler, step: 0, loader_state: LoaderState::default(), parent: None });
+        return Ok(Start {
+            model,
+            tokenizer,
+            optimizer,
+            scaler,
+            step: 0,
+            loader_state: LoaderState::default(),
+            parent: None,
+        });
     };
     model = model.load_record(ck.record::<B, _>("model", device)?);
     if config.tokenizer.weights.is_none()
@@ -314,7 +326,8 @@ fn restore<B: AutodiffBackend>(config: &RunConfig, opts: &RunOptions, device: &B
     }
     // The optimizer's groups are keyed by parameter id, which the model record restores: build
     // it from the loaded model.
-    let optimizer = CaeOptimizer::new(&config.optim_config(), &model).load_record(ck.record::<B, _>("optimizer", device)?);
+    let optimizer =
+        CaeOptimizer::new(&config.optim_config(), &model).load_record(ck.record::<B, _>("optimizer", device)?);
     let mut scaler = LossScaler::new(&config.precision);
     if let Some(s) = ck.header.loss_scaler.filter(|_| scaler.enabled) {
         scaler = s;

@@ -375,7 +375,8 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
         for (i, p) in pending.into_iter().enumerate() {
             let v: Vec<f64> = p.known.unwrap_or_else(|| read.by_ref().take(4).collect());
             let [loss, loss_main, loss_align, norm] = [v[0], v[1], v[2], v[3]];
-            if !p.done.skipped && !(loss.is_finite() && norm.is_finite()) {
+            let finite = loss.is_finite() && norm.is_finite();
+            if !p.done.skipped && !finite {
                 self.pb().abandon();
                 let (what, value) = if loss.is_finite() { ("gradient norm", norm) } else { ("loss", loss) };
                 return Err(CaeError::NonFinite { what, step: p.done.step, value });

@@ -37,9 +37,9 @@ use burn::tensor::{Tensor, TensorData};
 use burn_store::pytorch::PytorchReader;
 use burn_store::{ModuleSnapshot, PytorchStore};
 
+use crate::error::CaeError;
 use crate::model::Cae;
 use crate::model::encoder::copy_params_frozen;
-use crate::error::CaeError;
 
 /// What an import found and did.
 #[derive(Clone, Debug, PartialEq, Eq)]
