@@ -9,46 +9,13 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use cae_trainer::train::{HANG_ENV, STEP_LOG, read_step_log};
 
 mod common;
-use common::shards;
-
-const BIN: &str = env!("CARGO_BIN_EXE_trainer");
-
-/// `trainer run` on `shards` into `out`: micro, pixels, batch 4, no metrics, no progress bar.
-fn args(shards: &str, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
-    let out = out.to_string_lossy();
-    let mut a: Vec<String> =
-        ["run", "--shards", shards, "--out", &out, "--metrics-addr", "off", "--no-progress"].map(String::from).to_vec();
-    a.extend(["--steps".into(), steps.to_string()]);
-    for set in ["data.batch_size=4", "data.workers=1", "data.shuffle_buffer=8", "model.target=\"pixels\""] {
-        a.extend(["--set".into(), set.into()]);
-    }
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
-
-fn spawn(args: &[String], envs: &[(&str, &str)]) -> Child {
-    let mut c = Command::new(BIN);
-    c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).env_remove(HANG_ENV);
-    for (k, v) in envs {
-        c.env(k, v);
-    }
-    c.spawn().expect("spawn trainer")
-}
-
-fn run(args: &[String]) -> Output {
-    spawn(args, &[]).wait_with_output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+use common::{args, run, shards, spawn, text};
 
 /// Every way a start can fail before training exits 2 and creates nothing; then the corrected
 /// command runs into the same `--out`. A directory with only what a failed start of an older

@@ -3,60 +3,14 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use cae_trainer::checkpoint::{Checkpoint, locate};
 use cae_trainer::train::{STEP_LOG, read_step_log};
 
 mod common;
-use common::shards;
-
-const BIN: &str = env!("CARGO_BIN_EXE_trainer");
-
-fn args(shards: &str, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "run",
-        "--shards",
-        shards,
-        "--out",
-        &out.to_string_lossy(),
-        "--metrics-addr",
-        "off",
-        "--no-progress",
-        "--steps",
-        &steps.to_string(),
-        "--set",
-        "data.batch_size=4",
-        "--set",
-        "data.workers=1",
-        "--set",
-        "data.shuffle_buffer=8",
-        "--set",
-        "model.target=\"pixels\"",
-    ]
-    .map(String::from)
-    .to_vec();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
-
-fn spawn(args: &[String], envs: &[(&str, &str)]) -> Child {
-    let mut c = Command::new(BIN);
-    c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    for (k, v) in envs {
-        c.env(k, v);
-    }
-    c.spawn().expect("spawn trainer")
-}
-
-fn run(args: &[String]) -> Output {
-    spawn(args, &[]).wait_with_output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+use common::{BIN, args, run, shards, spawn, text};
 
 fn signal(child: &Child, sig: &str) {
     assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());

@@ -1,6 +1,14 @@
 //! Shared by the trainer's integration tests.
 
+#![allow(dead_code)] // each test binary uses its own part
+
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use cae_trainer::train::HANG_ENV;
+
+/// The `trainer` binary of this build.
+pub const BIN: &str = env!("CARGO_BIN_EXE_trainer");
 
 /// A small sharded sample set under `dir` (2 classes x 12 images, 12 per shard, a manifest).
 pub fn shards(dir: &Path) -> PathBuf {
@@ -12,4 +20,50 @@ pub fn shards(dir: &Path) -> PathBuf {
     o.workers = 1;
     cae_sharder::build(&o).unwrap();
     out
+}
+
+/// `trainer run` on `shards` into `out`: micro, pixels, batch 4, one worker, no metrics, no
+/// progress bar, `steps` steps, then `extra`.
+pub fn args(shards: &str, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "run",
+        "--shards",
+        shards,
+        "--out",
+        &out.to_string_lossy(),
+        "--metrics-addr",
+        "off",
+        "--no-progress",
+        "--steps",
+        &steps.to_string(),
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "data.workers=1",
+        "--set",
+        "data.shuffle_buffer=8",
+        "--set",
+        "model.target=\"pixels\"",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+pub fn spawn(args: &[String], envs: &[(&str, &str)]) -> Child {
+    let mut c = Command::new(BIN);
+    c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).env_remove(HANG_ENV);
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.spawn().expect("spawn trainer")
+}
+
+pub fn run(args: &[String]) -> Output {
+    spawn(args, &[]).wait_with_output().unwrap()
+}
+
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
