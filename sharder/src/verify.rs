@@ -15,6 +15,9 @@ use cae_pipeline::manifest::Manifest;
 use cae_pipeline::wds::{CLASS_EXT, IMAGE_EXT, SampleReader, sha256_file};
 use indicatif::ProgressBar;
 
+use crate::build::{JOURNAL_FILE, journaled_shards};
+use crate::error::ShardError;
+
 /// One problem found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -49,13 +52,13 @@ impl VerifyReport {
     }
 }
 
-/// Verifies `dir` (which holds `manifest.json`). Errors only when the manifest itself cannot be
+/// Verifies `dir` (which holds `manifest.json`). Errors only when the build there is unfinished
+/// ([`ShardError::Unfinished`], which says to `--resume` it) or the manifest itself cannot be
 /// read; everything else is a [`Problem`] in the report.
-pub fn verify(
-    dir: &Path,
-    decode_images: bool,
-    progress: bool,
-) -> Result<VerifyReport, cae_pipeline::manifest::ManifestError> {
+pub fn verify(dir: &Path, decode_images: bool, progress: bool) -> Result<VerifyReport, ShardError> {
+    if dir.join(JOURNAL_FILE).exists() {
+        return Err(ShardError::Unfinished { path: dir.to_path_buf(), shards: journaled_shards(dir) });
+    }
     let manifest = Manifest::load(dir)?;
     let mut report = VerifyReport::default();
     let mut keys: HashSet<String> = HashSet::new();

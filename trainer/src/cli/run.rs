@@ -130,21 +130,6 @@ fn config_differences(a: &RunConfig, b: &RunConfig) -> anyhow::Result<Vec<String
     Ok(out)
 }
 
-/// SIGINT, SIGTERM and SIGHUP: the first sets `stop` (the loop finishes its step, writes a
-/// checkpoint and the process exits with 128 + the signal's number) and records which signal it
-/// was in `signal`; a second one while `stop` is set exits at once with 128 + its number.
-fn install_signal_handlers(stop: &Arc<AtomicBool>, signal: &Arc<AtomicUsize>) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    use signal_hook::flag;
-    for sig in [SIGINT, SIGTERM, SIGHUP] {
-        // Registered first: it sees the flag as the previous signal left it.
-        flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(stop)).context("installing signal handlers")?;
-        flag::register_usize(sig, Arc::clone(signal), sig as usize).context("installing signal handlers")?;
-        flag::register(sig, Arc::clone(stop)).context("installing signal handlers")?;
-    }
-    Ok(())
-}
-
 pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
     super::init_tracing();
     let device = DeviceKind::parse(&a.device)?;
@@ -293,7 +278,9 @@ pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let signal = Arc::new(AtomicUsize::new(0));
-    install_signal_handlers(&stop, &signal)?;
+    // SIGINT, SIGTERM, SIGHUP: the loop finishes its step, writes a checkpoint, and the process
+    // exits with 128 + N; a second signal exits at once.
+    cae_pipeline::signals::install(&stop, &signal).context("installing signal handlers")?;
 
     say!(
         "run {}: preset {:?}, target {:?}, batch {} x {} accumulation, peak lr {:.3e}, device {}, {}{}",
