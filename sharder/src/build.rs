@@ -8,14 +8,20 @@
 //! manifest.json             every shard with samples, bytes, sha256; totals (written last)
 //! classes.txt               class names, line i = class index i
 //! rejected.tsv              path<TAB>reason for every rejected input file
-//! .sharder-journal.jsonl    only while a run is unfinished: one line per completed shard
+//! .sharder-journal.jsonl    only while a run is unfinished: the plan, one line per completed shard
+//! .sharder-plan             the finished build's plan (the journal's first line)
 //! ```
 //!
 //! Determinism: the sample order is a Fisher-Yates shuffle of the sorted input listing seeded
 //! with `--seed`; workers only read and validate, the writer consumes their results in that
 //! order, so shards are byte-identical whatever the worker count. `--resume` re-reads the
 //! journal, checks every journaled shard (size and sha256) and continues at the first input file
-//! after the last complete shard: the result equals an uninterrupted run.
+//! after the last complete shard: the result equals an uninterrupted run. A changed option or
+//! input is refused by name (the plan records each option and a digest of the input).
+//!
+//! Stopping: when [`BuildOptions::stop`] is set (the binary's SIGINT/SIGTERM/SIGHUP handler),
+//! the build stops after the file in hand, drops the shard in progress, lets the complete ones
+//! land in the journal and returns [`ShardError::Stopped`]; `--resume` finishes it.
 
 use std::fs;
 use std::io::Write;

@@ -53,7 +53,8 @@ struct BuildArgs {
     /// Output folder for shards, manifest.json, classes.txt, rejected.tsv.
     #[arg(long)]
     output: PathBuf,
-    /// Tab-separated `relative/path<TAB>class` list instead of walking class folders.
+    /// Tab-separated `relative/path<TAB>class` list instead of walking class folders. Without
+    /// --classes the class indices are the list's own (a warning says so).
     #[arg(long)]
     list: Option<PathBuf>,
     /// Class order to use (one name per line, e.g. the train shards' classes.txt).
@@ -83,7 +84,8 @@ struct BuildArgs {
     /// Reject input files larger than this many bytes, from their size, without reading them.
     #[arg(long, default_value_t = cae_sharder::process::DEFAULT_MAX_FILE_BYTES)]
     max_file_bytes: u64,
-    /// Keep complete shards of an interrupted run and finish the rest.
+    /// Keep complete shards of an interrupted run and finish the rest (with the options it was
+    /// started with: a changed one is refused by name).
     #[arg(long, conflicts_with = "force")]
     resume: bool,
     /// Overwrite an existing output.

@@ -4,6 +4,8 @@
 //! structure parses to the end, the sample count matches, keys are unique across all shards,
 //! every sample has `jpg` and `cls` (a valid class index), and with `--decode` that every image
 //! decodes. Every problem is collected (the first one names shard and key); totals are printed.
+//! A directory whose build is unfinished (its resume journal is there) is not checked: the error
+//! says to finish it with `sharder build ... --resume` first.
 
 use std::collections::HashSet;
 use std::fs::File;

@@ -65,7 +65,7 @@ fn crashed_build(input: &Path, out: &Path, shards: u64) {
     let mut c = build_cmd(input, out, &[]);
     c.env(CRASH_ENV, shards.to_string());
     let o = run(c);
-    assert!(!o.status.success(), "the build must die: {}", text(&o));
+    assert!(!o.status.success(), "the build must die (is the binary built with feature test-hooks?): {}", text(&o));
     assert!(out.join(JOURNAL_FILE).exists() && !out.join("manifest.json").exists());
 }
 
@@ -106,7 +106,7 @@ fn sigint_and_sigterm_mid_shard_then_resume_equal_an_uninterrupted_build() {
         });
         if paused.recv_timeout(Duration::from_secs(120)).is_err() {
             let _ = child.kill();
-            panic!("{name}: never paused: {}", reader.join().unwrap());
+            panic!("{name}: never paused (is the binary built with feature test-hooks?): {}", reader.join().unwrap());
         }
         // Paused after 10 input files: complete shards on disk and one in progress.
         let before = dir_files(&out);
