@@ -15,6 +15,7 @@
 //! - [`ordered_map`]: the bounded ordered parallel map the loader, the eval reader and the sharder
 //!   run on; [`bad_sample`]: how a bad sample is reported.
 //! - [`bench`]: the decode-only baseline `pipeline bench` compares against.
+//! - [`signals`]: SIGINT/SIGTERM/SIGHUP as a stop flag, for the long commands of every binary.
 //! - [`eval`]: every sample once, in order, resized + centre-cropped (the test transform), for features.
 
 pub mod augment;
@@ -33,6 +34,7 @@ pub mod mask;
 pub mod metrics;
 pub mod ordered_map;
 pub mod redact;
+pub mod signals;
 pub mod source;
 pub mod wds;
 

@@ -123,7 +123,7 @@ impl Default for LoaderConfig {
             epochs: None,
             max_failed_shards: None,
             max_pixels: crate::decode::DEFAULT_MAX_PIXELS as u64,
-            max_member_bytes: 64 << 20,
+            max_member_bytes: crate::wds::DEFAULT_MAX_MEMBER_BYTES,
             labels: LabelPolicy::Optional,
             augment: AugmentConfig::default(),
             mask: MaskConfig::default(),

@@ -41,6 +41,12 @@ pub const CLASS_EXT: &str = "cls";
 /// Extension of the per-sample metadata member (JSON).
 pub const META_EXT: &str = "json";
 
+/// The largest image member, in bytes, by default on both sides of the format: the loader's
+/// `data.max_member_bytes` (larger members are skipped) and the sharder's `--max-file-bytes`
+/// (larger input files are rejected; a kept file becomes a member of the same size), so nothing
+/// the sharder writes with its defaults is skipped by the loader with its defaults.
+pub const DEFAULT_MAX_MEMBER_BYTES: u64 = 64 << 20;
+
 /// Fixed modification time written into every header (reproducible shards).
 pub const FIXED_MTIME: u64 = 0;
 

@@ -8,18 +8,26 @@
 //! manifest.json             every shard with samples, bytes, sha256; totals (written last)
 //! classes.txt               class names, line i = class index i
 //! rejected.tsv              path<TAB>reason for every rejected input file
-//! .sharder-journal.jsonl    only while a run is unfinished: one line per completed shard
+//! .sharder-journal.jsonl    only while a run is unfinished: the plan, one line per completed shard
+//! .sharder-plan             the finished build's plan (the journal's first line)
 //! ```
 //!
 //! Determinism: the sample order is a Fisher-Yates shuffle of the sorted input listing seeded
 //! with `--seed`; workers only read and validate, the writer consumes their results in that
 //! order, so shards are byte-identical whatever the worker count. `--resume` re-reads the
 //! journal, checks every journaled shard (size and sha256) and continues at the first input file
-//! after the last complete shard: the result equals an uninterrupted run.
+//! after the last complete shard: the result equals an uninterrupted run. A changed option or
+//! input is refused by name (the plan records each option and a digest of the input).
+//!
+//! Stopping: when [`BuildOptions::stop`] is set (the binary's SIGINT/SIGTERM/SIGHUP handler),
+//! the build stops after the file in hand, drops the shard in progress, lets the complete ones
+//! land in the journal and returns [`ShardError::Stopped`]; `--resume` finishes it.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use cae_pipeline::manifest::{MANIFEST_FILE, MANIFEST_FORMAT, Manifest, ShardEntry};
@@ -36,7 +44,12 @@ use crate::error::ShardError;
 use crate::input::{self, InputListing};
 use crate::process::{Outcome, Prepared, ProcessOptions, Validate, process};
 
+mod journal;
+mod plan;
 mod writer;
+pub(crate) use journal::journaled_shards;
+use journal::{Done, JournalLine, kept_counts, read_journal, rewrite_journal};
+use plan::{Plan, PlanParts};
 use writer::{Finisher, OrderedWriter};
 
 /// Name of the resume journal.
@@ -53,6 +66,10 @@ pub const CRASH_ENV: &str = "CAE_SHARDER_CRASH_AFTER_SHARDS";
 /// Environment variable for kill tests: like [`CRASH_ENV`] but the process stops (sleeps) in the
 /// middle of the shard, printing `sharder: paused` to stderr, so a test can `kill -9` it there.
 pub const HANG_ENV: &str = "CAE_SHARDER_HANG_AFTER_SHARDS";
+/// Environment variable for signal tests: after this many input files were taken by this process
+/// (the completed shards landed first), print `sharder: paused` to stderr and wait until
+/// [`BuildOptions::stop`] is set, so a signal lands at a known point in the middle of a shard.
+pub const PAUSE_ENV: &str = "CAE_SHARDER_PAUSE_AFTER_FILES";
 
 /// The value of a test hook's variable; always `None` unless built with feature `test-hooks`.
 fn test_hook(var: &str) -> Option<u64> {
@@ -88,6 +105,10 @@ pub struct BuildOptions {
     pub strict: bool,
     /// Show a progress bar (when stderr is a terminal).
     pub progress: bool,
+    /// Set (by a signal handler) to stop early: the shards completed so far are kept and
+    /// journaled, the shard in progress is dropped, and the build returns
+    /// [`ShardError::Stopped`]; `--resume` then finishes it.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl BuildOptions {
@@ -110,7 +131,17 @@ impl BuildOptions {
             force: false,
             strict: false,
             progress: false,
+            stop: None,
         }
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
+
+    /// The error of a build stopped by [`Self::stop`], counting the shards journaled so far.
+    fn stopped(&self) -> ShardError {
+        ShardError::Stopped { path: self.output.clone(), shards: journaled_shards(&self.output) }
     }
 }
 
@@ -119,7 +150,18 @@ pub fn default_workers() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// What a build did.
+/// Counts of a shard set, or of a part of one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Input files accounted for (sharded or rejected).
+    pub input_files: u64,
+    pub samples: u64,
+    pub shards: u64,
+    pub converted: u64,
+    pub rejected: u64,
+}
+
+/// What a build did. The counts without a prefix are the whole set's (the manifest's).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BuildReport {
     pub input_files: u64,
@@ -134,11 +176,23 @@ pub struct BuildReport {
     /// Input files processed by this process.
     pub files_processed: u64,
     pub seconds: f64,
-    /// Shards found complete and kept by `--resume`.
-    pub resumed_shards: u64,
+    /// What `--resume` found complete and kept (all zero without `--resume`).
+    pub kept: Counts,
+    /// `--resume` found the build finished already: nothing was done.
+    pub already_complete: bool,
 }
 
 impl BuildReport {
+    /// What this process added to the set: the whole set less what was kept.
+    pub fn this_run(&self) -> Counts {
+        Counts {
+            input_files: self.input_files - self.kept.input_files,
+            samples: self.samples - self.kept.samples,
+            shards: self.shards - self.kept.shards,
+            converted: self.converted - self.kept.converted,
+            rejected: self.rejected - self.kept.rejected,
+        }
+    }
     pub fn images_per_second(&self) -> f64 {
         self.files_processed as f64 / self.seconds.max(1e-9)
     }
@@ -147,19 +201,15 @@ impl BuildReport {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(untagged)]
-enum JournalLine {
-    Header { plan: String },
-    Shard { shard: ShardEntry, next_input: u64, converted: u64, rejected: Vec<(String, String)> },
-}
-
 /// Runs a build.
 pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
     let start = Instant::now();
     let listing = list_input(opts)?;
     let n = listing.files.len() as u64;
-    let plan = plan_digest(opts, &listing);
+    let plan = plan::plan(opts, &listing);
+    if opts.stop_requested() {
+        return Err(opts.stopped());
+    }
     prepare_output(opts)?;
 
     // Journal: what an earlier, interrupted run already completed.
@@ -173,15 +223,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
             }
             return Ok(report_from_manifest(&m, start));
         }
-        done = read_journal(&journal_path, &plan, &opts.output)?;
+        done = read_journal(&journal_path, &plan, opts)?;
     }
-    let resumed_shards = done.len() as u64;
+    let kept = kept_counts(&done);
     rewrite_journal(&journal_path, &plan, &done)?;
 
     let mut order: Vec<usize> = (0..listing.files.len()).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(opts.seed));
-    let next_input = done.last().map_or(0, |d| d.1);
-
+    let next_input = kept.input_files;
     let mut writer = OrderedWriter {
         opts,
         journal_path: journal_path.clone(),
@@ -197,16 +246,52 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
         completed_here: 0,
         finisher: Finisher::start(journal_path.clone())?,
     };
-
     let pb = progress_bar(opts.progress, n - next_input);
+    let todo = &order[next_input as usize..];
+    let written = write_inputs(opts, &listing.files, todo, &mut writer, &pb, start);
+    pb.finish_and_clear();
+    let (bytes_read, stopped) = written?;
+    if stopped {
+        writer.abandon()?;
+        return Err(opts.stopped());
+    }
+    writer.close_shard(n)?;
+
+    // With --strict and a rejection, finish() writes rejected.tsv but no manifest.
+    let manifest = writer.finish(&listing, n)?;
+    Ok(BuildReport {
+        input_files: n,
+        samples: manifest.total_samples,
+        rejected: manifest.rejected,
+        converted: manifest.converted,
+        shards: manifest.shards.len() as u64,
+        bytes_read,
+        bytes_written: manifest.total_bytes,
+        files_processed: n - next_input,
+        seconds: start.elapsed().as_secs_f64(),
+        kept,
+        already_complete: false,
+    })
+}
+
+/// Reads and validates the inputs `todo` (indices into `files`, in shuffled order) on the
+/// workers and hands the results to the writer in that order. Returns the bytes read and
+/// whether [`BuildOptions::stop`] ended it early (the writer's open shard is then incomplete).
+fn write_inputs(
+    opts: &BuildOptions,
+    files: &[input::InputFile],
+    todo: &[usize],
+    writer: &mut OrderedWriter<'_>,
+    pb: &ProgressBar,
+    start: Instant,
+) -> Result<(u64, bool), ShardError> {
     let popts =
         ProcessOptions { validate: opts.validate, max_side: opts.max_side, max_file_bytes: opts.max_file_bytes };
-    let todo: Vec<usize> = order[next_input as usize..].to_vec();
-    let mut bytes_read = 0u64;
     let workers = opts.workers.max(1);
-    let files = &listing.files;
-
-    std::thread::scope(|s| -> Result<(), ShardError> {
+    let next_input = (files.len() - todo.len()) as u64;
+    let pause_after = test_hook(PAUSE_ENV);
+    let mut bytes_read = 0u64;
+    std::thread::scope(|s| -> Result<(u64, bool), ShardError> {
         // One bounded ordered map (the pipeline's): at most K = 2 x workers files read and not
         // yet written, whatever is slow; results come back in shuffled input order. (Files can
         // be up to --max-file-bytes each, so K is smaller than the loader's 8 x workers.)
@@ -227,9 +312,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
         )
         .map_err(|e| ShardError::Internal(format!("starting workers: {e}")))?;
         s.spawn(move || {
-            for idx in todo {
+            for &idx in todo {
                 if submit.submit(idx).is_err() {
-                    break; // the writer stopped (error): stop feeding
+                    break; // the writer stopped (error or signal): stop feeding
                 }
             }
         });
@@ -240,6 +325,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
             writer.accept(out, input_pos)?;
             next_seq += 1;
             pb.inc(1);
+            if pause_after == Some(next_seq) {
+                writer.pause_until_stopped()?;
+            }
+            if opts.stop_requested() {
+                return Ok((bytes_read, true)); // dropping `results` stops the workers
+            }
             let secs = start.elapsed().as_secs_f64().max(1e-9);
             if next_seq.is_multiple_of(64) {
                 pb.set_message(format!("{:.1} MB/s", bytes_read as f64 / 1e6 / secs));
@@ -248,27 +339,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, ShardError> {
         if results.stranded() > 0 {
             return Err(ShardError::Internal(format!("{} results stranded: a worker died", results.stranded())));
         }
-        Ok(())
-    })?;
-    writer.close_shard(n)?;
-    pb.finish_and_clear();
-
-    // With --strict and a rejection, finish() writes rejected.tsv but no manifest.
-    let manifest = writer.finish(&listing, n)?;
-    let seconds = start.elapsed().as_secs_f64();
-    let report = BuildReport {
-        input_files: n,
-        samples: manifest.total_samples,
-        rejected: manifest.rejected,
-        converted: manifest.converted,
-        shards: manifest.shards.len() as u64,
-        bytes_read,
-        bytes_written: manifest.total_bytes,
-        files_processed: n - next_input,
-        seconds,
-        resumed_shards,
-    };
-    Ok(report)
+        Ok((bytes_read, false))
+    })
 }
 
 fn list_input(opts: &BuildOptions) -> Result<InputListing, ShardError> {
@@ -285,7 +357,18 @@ fn list_input(opts: &BuildOptions) -> Result<InputListing, ShardError> {
         None => None,
     };
     match &opts.list {
-        Some(list) => input::read_list(&opts.input, list, fixed_classes),
+        Some(list) => {
+            let l = input::read_list(&opts.input, list, fixed_classes)?;
+            if opts.classes.is_none() {
+                tracing::warn!(
+                    "--list without --classes: class indices follow this list's own {} classes (sorted by \
+                     name), so they match a train set's only if the list has every one of its classes; \
+                     for a val set pass --classes <train shards>/{CLASSES_FILE}",
+                    l.classes.len()
+                );
+            }
+            Ok(l)
+        }
         None => {
             let mut l = input::walk_class_folders(&opts.input)?;
             if let Some(c) = fixed_classes {
@@ -306,38 +389,6 @@ fn list_input(opts: &BuildOptions) -> Result<InputListing, ShardError> {
             Ok(l)
         }
     }
-}
-
-/// Digest of everything that determines the output, so `--resume` refuses a changed run.
-/// Each input file's size and modification time are part of it (a file replaced in place
-/// changes the plan), and so is the tool's version (another version may write other bytes).
-fn plan_digest(opts: &BuildOptions, listing: &InputListing) -> String {
-    let mut h = Sha256::new();
-    h.update(format!(
-        "v2 sharder={} seed={} max_samples={} max_bytes={} prefix={} validate={:?} max_side={:?} max_file_bytes={}\n",
-        env!("CARGO_PKG_VERSION"),
-        opts.seed,
-        opts.shard_max_samples,
-        opts.shard_max_bytes,
-        opts.prefix,
-        opts.validate,
-        opts.max_side,
-        opts.max_file_bytes
-    ));
-    for c in &listing.classes {
-        h.update(format!("class {c}\n"));
-    }
-    for f in &listing.files {
-        let stat = match fs::metadata(&f.path) {
-            Ok(m) => {
-                let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-                format!("{} {}", m.len(), mtime.map_or(0, |d| d.as_nanos()))
-            }
-            Err(e) => format!("unreadable {:?}", e.kind()),
-        };
-        h.update(format!("file {}\t{:?}\t{}\t{stat}\n", f.rel_path, f.class_index, f.key));
-    }
-    hex::encode(h.finalize())
 }
 
 fn is_ours(name: &str, prefix: &str) -> bool {
@@ -380,24 +431,41 @@ fn prepare_output(opts: &BuildOptions) -> Result<(), ShardError> {
     Err(ShardError::OutputNotEmpty(out.clone()))
 }
 
-fn finished_manifest(opts: &BuildOptions, plan: &str) -> Result<Option<Manifest>, ShardError> {
+fn finished_manifest(opts: &BuildOptions, plan: &Plan) -> Result<Option<Manifest>, ShardError> {
     let path = opts.output.join(MANIFEST_FILE);
     if !path.exists() || opts.output.join(JOURNAL_FILE).exists() {
         return Ok(None);
     }
     let m = Manifest::load(&path).map_err(|e| ShardError::Resume { path: path.clone(), message: e.to_string() })?;
-    let plan_file = opts.output.join(PLAN_FILE);
-    let same = fs::read_to_string(&plan_file).map(|p| p.trim() == plan).unwrap_or(false);
-    if !same {
-        return Err(ShardError::Resume {
+    // The plan file holds the journal's header line (earlier versions: the bare digest).
+    let recorded = fs::read_to_string(opts.output.join(PLAN_FILE)).ok().map(|text| {
+        match serde_json::from_str::<JournalLine>(text.trim()) {
+            Ok(JournalLine::Header { plan, parts }) => (plan, parts),
+            _ => (text.trim().to_string(), None),
+        }
+    });
+    match recorded {
+        Some((digest, _)) if digest == plan.digest => Ok(Some(m)),
+        other => Err(ShardError::Resume {
             path: opts.output.clone(),
-            message: "a finished build with other input or options is there (use --force to rebuild)".into(),
-        });
+            message: plan::changed_message(
+                "a finished build is there, made",
+                other.as_ref().and_then(|(_, parts)| parts.as_ref()),
+                &plan.parts,
+                "use --force to rebuild",
+            ),
+        }),
     }
-    Ok(Some(m))
 }
 
 fn report_from_manifest(m: &Manifest, start: Instant) -> BuildReport {
+    let kept = Counts {
+        input_files: m.input_files,
+        samples: m.total_samples,
+        shards: m.shards.len() as u64,
+        converted: m.converted,
+        rejected: m.rejected,
+    };
     BuildReport {
         input_files: m.input_files,
         samples: m.total_samples,
@@ -406,72 +474,10 @@ fn report_from_manifest(m: &Manifest, start: Instant) -> BuildReport {
         shards: m.shards.len() as u64,
         bytes_written: m.total_bytes,
         seconds: start.elapsed().as_secs_f64(),
-        resumed_shards: m.shards.len() as u64,
+        kept,
+        already_complete: true,
         ..Default::default()
     }
-}
-
-type Done = (ShardEntry, u64, u64, Vec<(String, String)>);
-
-fn read_journal(path: &Path, plan: &str, out: &Path) -> Result<Vec<Done>, ShardError> {
-    let Ok(text) = fs::read_to_string(path) else {
-        return Ok(Vec::new()); // nothing journaled: start over
-    };
-    let resume_err = |message: String| ShardError::Resume { path: path.to_path_buf(), message };
-    let mut done = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        // A torn last line (killed while appending) ends the journal.
-        let Ok(parsed) = serde_json::from_str::<JournalLine>(line) else { break };
-        match parsed {
-            JournalLine::Header { plan: p } => {
-                if i != 0 || p != plan {
-                    return Err(resume_err(
-                        "the journal was written for another input or other options (use --force to start over)".into(),
-                    ));
-                }
-            }
-            JournalLine::Shard { shard, next_input, converted, rejected } => {
-                if i == 0 {
-                    return Err(resume_err("journal has no header".into()));
-                }
-                if let Err(reason) = cae_pipeline::manifest::check_shard_name(&shard.name) {
-                    return Err(resume_err(format!(
-                        "journal line {}: shard name {:?} refused: {reason}",
-                        i + 1,
-                        shard.name
-                    )));
-                }
-                // Keep a journaled shard only if the file is there, whole and unchanged.
-                let file = out.join(&shard.name);
-                match sha256_file(&file) {
-                    Ok((bytes, sha)) if bytes == shard.digest.bytes && sha == shard.digest.sha256 => {
-                        done.push((shard, next_input, converted, rejected));
-                    }
-                    _ => {
-                        tracing::warn!("{}: missing or changed, rebuilding from here", file.display());
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    Ok(done)
-}
-
-fn rewrite_journal(path: &Path, plan: &str, done: &[Done]) -> Result<(), ShardError> {
-    let mut text = serde_json::to_string(&JournalLine::Header { plan: plan.to_string() }).unwrap_or_default();
-    text.push('\n');
-    for (shard, next_input, converted, rejected) in done {
-        let line = JournalLine::Shard {
-            shard: shard.clone(),
-            next_input: *next_input,
-            converted: *converted,
-            rejected: rejected.clone(),
-        };
-        text.push_str(&serde_json::to_string(&line).unwrap_or_default());
-        text.push('\n');
-    }
-    write_atomic(path, text.as_bytes())
 }
 
 /// Writes `path` via a temporary file, fsync and rename.

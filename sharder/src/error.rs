@@ -24,6 +24,23 @@ pub enum ShardError {
     /// `--strict` and some inputs were rejected.
     #[error("{0} input file(s) rejected (see rejected.tsv) and --strict is set")]
     Strict(u64),
+    /// A signal (SIGINT, SIGTERM, SIGHUP) stopped the build: the complete shards are kept and
+    /// journaled, the shard in progress was dropped.
+    #[error(
+        "stopped early: {shards} complete shard(s) kept in {path}, the shard in progress dropped; \
+         run the same command with --resume to finish the build"
+    )]
+    Stopped { path: PathBuf, shards: u64 },
+    /// `sharder verify` on a folder whose build has not finished (a journal is there).
+    #[error(
+        "{path} holds an unfinished build ({shards} complete shard(s) journaled, no finished \
+         manifest.json): run the same `sharder build` command with --resume to finish it (without \
+         --strict if a --strict build stopped on rejected inputs), then verify"
+    )]
+    Unfinished { path: PathBuf, shards: u64 },
+    /// The manifest cannot be read.
+    #[error(transparent)]
+    Manifest(#[from] cae_pipeline::manifest::ManifestError),
     /// A worker thread died (a bug).
     #[error("internal error: {0}")]
     Internal(String),

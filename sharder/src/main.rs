@@ -3,10 +3,12 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
-use cae_sharder::{BuildOptions, Validate, build, verify};
+use cae_sharder::{BuildOptions, BuildReport, ShardError, Validate, build, verify};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -51,7 +53,8 @@ struct BuildArgs {
     /// Output folder for shards, manifest.json, classes.txt, rejected.tsv.
     #[arg(long)]
     output: PathBuf,
-    /// Tab-separated `relative/path<TAB>class` list instead of walking class folders.
+    /// Tab-separated `relative/path<TAB>class` list instead of walking class folders. Without
+    /// --classes the class indices are the list's own (a warning says so).
     #[arg(long)]
     list: Option<PathBuf>,
     /// Class order to use (one name per line, e.g. the train shards' classes.txt).
@@ -81,7 +84,8 @@ struct BuildArgs {
     /// Reject input files larger than this many bytes, from their size, without reading them.
     #[arg(long, default_value_t = cae_sharder::process::DEFAULT_MAX_FILE_BYTES)]
     max_file_bytes: u64,
-    /// Keep complete shards of an interrupted run and finish the rest.
+    /// Keep complete shards of an interrupted run and finish the rest (with the options it was
+    /// started with: a changed one is refused by name).
     #[arg(long, conflicts_with = "force")]
     resume: bool,
     /// Overwrite an existing output.
@@ -110,48 +114,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Build(a) => {
-            let opts = BuildOptions {
-                input: a.input,
-                output: a.output,
-                list: a.list,
-                classes: a.classes,
-                shard_max_samples: a.shard_max_samples.max(1),
-                shard_max_bytes: a.shard_max_bytes,
-                prefix: a.prefix,
-                seed: a.seed,
-                workers: a.workers.unwrap_or_else(cae_sharder::build::default_workers),
-                validate: a.validate,
-                max_side: a.max_side,
-                max_file_bytes: a.max_file_bytes,
-                resume: a.resume,
-                force: a.force,
-                strict: a.strict,
-                progress: std::io::stderr().is_terminal(),
-            };
-            let r = build(&opts).with_context(|| format!("sharding {}", opts.input.display()))?;
-            println!(
-                "{} input files: {} sharded into {} shards ({} converted), {} rejected{}",
-                r.input_files,
-                r.samples,
-                r.shards,
-                r.converted,
-                r.rejected,
-                if r.rejected > 0 { format!(" (see {}/rejected.tsv)", opts.output.display()) } else { String::new() }
-            );
-            if r.resumed_shards > 0 {
-                println!("resumed: kept {} complete shards", r.resumed_shards);
-            }
-            println!(
-                "processed {} files in {:.2} s: {:.0} images/s, {:.1} MB/s read, {:.1} MB written",
-                r.files_processed,
-                r.seconds,
-                r.images_per_second(),
-                r.mb_per_second(),
-                r.bytes_written as f64 / 1e6
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Build(a) => build_command(a),
         Command::Verify { dir, decode } => {
             let r = verify(&dir, decode, std::io::stderr().is_terminal())
                 .with_context(|| format!("verifying {}", dir.display()))?;
@@ -175,6 +138,84 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench { input, scratch, cold } => bench(input, scratch, cold),
     }
+}
+
+/// `sharder build`. SIGINT, SIGTERM or SIGHUP stops it (`cae_pipeline::signals`): the complete
+/// shards stay journaled, the one in progress is dropped, and the exit status is 128 + N; a
+/// second signal exits at once.
+fn build_command(a: BuildArgs) -> anyhow::Result<ExitCode> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let signal = Arc::new(AtomicUsize::new(0));
+    cae_pipeline::signals::install(&stop, &signal).context("installing signal handlers")?;
+    let opts = BuildOptions {
+        input: a.input,
+        output: a.output,
+        list: a.list,
+        classes: a.classes,
+        shard_max_samples: a.shard_max_samples.max(1),
+        shard_max_bytes: a.shard_max_bytes,
+        prefix: a.prefix,
+        seed: a.seed,
+        workers: a.workers.unwrap_or_else(cae_sharder::build::default_workers),
+        validate: a.validate,
+        max_side: a.max_side,
+        max_file_bytes: a.max_file_bytes,
+        resume: a.resume,
+        force: a.force,
+        strict: a.strict,
+        progress: std::io::stderr().is_terminal(),
+        stop: Some(stop),
+    };
+    let r = match build(&opts) {
+        Ok(r) => r,
+        Err(e @ ShardError::Stopped { .. }) => {
+            let n = signal.load(Ordering::SeqCst);
+            eprintln!("sharder: {} received: {e}", cae_pipeline::signals::name(n));
+            return Ok(ExitCode::from(u8::try_from(128 + n).unwrap_or(1)));
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("sharding {}", opts.input.display()))),
+    };
+    print_summary(&opts, &r);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The build's summary on stdout. A resumed build counts this run's work, then what was kept.
+fn print_summary(opts: &BuildOptions, r: &BuildReport) {
+    let see = if r.rejected > 0 { format!(" (see {}/rejected.tsv)", opts.output.display()) } else { String::new() };
+    if r.already_complete {
+        println!(
+            "already complete, nothing to do: {} input files: {} sharded into {} shards ({} converted), {} rejected{see}",
+            r.input_files, r.samples, r.shards, r.converted, r.rejected
+        );
+        return;
+    }
+    let t = r.this_run();
+    let this = format!(
+        "{} input files: {} sharded into {} shards ({} converted), {} rejected",
+        t.input_files, t.samples, t.shards, t.converted, t.rejected
+    );
+    if opts.resume {
+        let k = r.kept;
+        println!(
+            "resumed: kept {} complete shards already there ({} samples from {} input files, {} converted, {} rejected)",
+            k.shards, k.samples, k.input_files, k.converted, k.rejected
+        );
+        println!("this run: {this}");
+        println!(
+            "whole set: {} input files: {} sharded into {} shards, {} rejected{see}",
+            r.input_files, r.samples, r.shards, r.rejected
+        );
+    } else {
+        println!("{this}{see}");
+    }
+    println!(
+        "processed {} files in {:.2} s: {:.0} images/s, {:.1} MB/s read, {:.1} MB written",
+        r.files_processed,
+        r.seconds,
+        r.images_per_second(),
+        r.mb_per_second(),
+        r.bytes_written as f64 / 1e6
+    );
 }
 
 /// Plain reading of every input file vs `build --validate header` (all workers) vs

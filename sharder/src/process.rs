@@ -42,9 +42,10 @@ pub struct ProcessOptions {
     pub max_file_bytes: u64,
 }
 
-/// Default `--max-file-bytes`: the loader's default `data.max_member_bytes`, so nothing the
-/// sharder writes is skipped by the loader.
-pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 << 20;
+/// Default `--max-file-bytes`: the loader's default `data.max_member_bytes` (one constant,
+/// [`cae_pipeline::wds::DEFAULT_MAX_MEMBER_BYTES`]), so nothing the sharder writes is skipped by
+/// the loader.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = cae_pipeline::wds::DEFAULT_MAX_MEMBER_BYTES;
 
 /// What was done to an accepted file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

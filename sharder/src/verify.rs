@@ -4,6 +4,8 @@
 //! structure parses to the end, the sample count matches, keys are unique across all shards,
 //! every sample has `jpg` and `cls` (a valid class index), and with `--decode` that every image
 //! decodes. Every problem is collected (the first one names shard and key); totals are printed.
+//! A directory whose build is unfinished (its resume journal is there) is not checked: the error
+//! says to finish it with `sharder build ... --resume` first.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -14,6 +16,9 @@ use cae_pipeline::decode;
 use cae_pipeline::manifest::Manifest;
 use cae_pipeline::wds::{CLASS_EXT, IMAGE_EXT, SampleReader, sha256_file};
 use indicatif::ProgressBar;
+
+use crate::build::{JOURNAL_FILE, journaled_shards};
+use crate::error::ShardError;
 
 /// One problem found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,13 +54,13 @@ impl VerifyReport {
     }
 }
 
-/// Verifies `dir` (which holds `manifest.json`). Errors only when the manifest itself cannot be
+/// Verifies `dir` (which holds `manifest.json`). Errors only when the build there is unfinished
+/// ([`ShardError::Unfinished`], which says to `--resume` it) or the manifest itself cannot be
 /// read; everything else is a [`Problem`] in the report.
-pub fn verify(
-    dir: &Path,
-    decode_images: bool,
-    progress: bool,
-) -> Result<VerifyReport, cae_pipeline::manifest::ManifestError> {
+pub fn verify(dir: &Path, decode_images: bool, progress: bool) -> Result<VerifyReport, ShardError> {
+    if dir.join(JOURNAL_FILE).exists() {
+        return Err(ShardError::Unfinished { path: dir.to_path_buf(), shards: journaled_shards(dir) });
+    }
     let manifest = Manifest::load(dir)?;
     let mut report = VerifyReport::default();
     let mut keys: HashSet<String> = HashSet::new();

@@ -249,7 +249,7 @@ fn assert_resume_equals_uninterrupted(input: &Path, interrupted: &Path, referenc
     let mut r = opts(input, interrupted);
     r.resume = true;
     let report = build(&r).expect("resume");
-    assert_eq!(report.resumed_shards as usize, complete);
+    assert_eq!(report.kept.shards as usize, complete);
     build(&opts(input, reference)).unwrap();
     let (a, b) = (dir_bytes(interrupted), dir_bytes(reference));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
@@ -337,11 +337,12 @@ fn manifest_and_journal_shard_names_outside_the_folder_are_refused() {
     }
     // An interrupted run's journal naming a shard outside the folder: resume refuses it.
     std::fs::remove_file(&manifest_path).unwrap();
+    // The plan file holds the finished build's journal header line.
     let plan = std::fs::read_to_string(out.join(cae_sharder::build::PLAN_FILE)).unwrap();
     let m: serde_json::Value = serde_json::from_str(&original).unwrap();
     let mut shard = m["shards"][0].clone();
     shard["name"] = serde_json::Value::String("../outside.tar".into());
-    let header = serde_json::json!({ "plan": plan.trim() });
+    let header = plan.trim();
     let line = serde_json::json!({ "shard": shard, "next_input": 1, "converted": 0, "rejected": [] });
     std::fs::write(out.join(cae_sharder::build::JOURNAL_FILE), format!("{header}\n{line}\n")).unwrap();
     let mut r = opts(&fx.train_dir, &out);

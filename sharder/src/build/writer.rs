@@ -199,6 +199,28 @@ impl OrderedWriter<'_> {
         Ok(())
     }
 
+    /// Test hook ([`PAUSE_ENV`]): lets the completed shards land, says `sharder: paused` on
+    /// stderr and waits until the build is told to stop (forever without a stop flag).
+    pub(super) fn pause_until_stopped(&mut self) -> Result<(), ShardError> {
+        self.finisher.wait_idle()?;
+        eprintln!("sharder: paused");
+        while !self.opts.stop_requested() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Stops early: drops the shard in progress (its temporary file) and waits until every
+    /// completed shard is renamed and journaled, so `--resume` continues right after them.
+    pub(super) fn abandon(mut self) -> Result<(), ShardError> {
+        if let Some(cur) = self.current.take() {
+            drop(cur.writer);
+            fs::remove_file(&cur.tmp).map_err(|e| ShardError::write(&cur.tmp, e))?;
+            tracing::debug!("dropped the unfinished {}", cur.name);
+        }
+        self.finisher.close()
+    }
+
     /// Writes classes.txt, rejected.tsv and finally manifest.json; removes the journal.
     pub(super) fn finish(mut self, listing: &InputListing, input_files: u64) -> Result<Manifest, ShardError> {
         self.finisher.close()?;
@@ -246,11 +268,13 @@ impl OrderedWriter<'_> {
         }
         let mut json = serde_json::to_vec_pretty(&manifest).map_err(|e| ShardError::Internal(e.to_string()))?;
         json.push(b'\n');
-        let plan = fs::read_to_string(&self.journal_path)
-            .ok()
-            .and_then(|t| t.lines().next().and_then(|l| serde_json::from_str::<JournalLine>(l).ok()));
-        if let Some(JournalLine::Header { plan }) = plan {
-            write_atomic(&out.join(PLAN_FILE), plan.as_bytes())?;
+        // The plan file keeps the journal's header line: a later --resume recognises the build
+        // by it, or names what changed.
+        let journal = fs::read_to_string(&self.journal_path).unwrap_or_default();
+        if let Some(header) = journal.lines().next()
+            && let Ok(JournalLine::Header { .. }) = serde_json::from_str::<JournalLine>(header)
+        {
+            write_atomic(&out.join(PLAN_FILE), format!("{header}\n").as_bytes())?;
         }
         write_atomic(&out.join(MANIFEST_FILE), &json)?;
         fs::remove_file(&self.journal_path).map_err(|e| ShardError::write(&self.journal_path, e))?;

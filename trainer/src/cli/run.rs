@@ -134,18 +134,12 @@ pub(super) fn config_differences(a: &RunConfig, b: &RunConfig) -> anyhow::Result
     Ok(out)
 }
 
-/// SIGINT, SIGTERM and SIGHUP: the first sets `stop` (the loop finishes its step, writes a
-/// checkpoint and the process exits with 128 + the signal's number) and records which signal it
-/// was in `signal`; a second one while `stop` is set exits at once with 128 + its number.
+/// SIGINT, SIGTERM and SIGHUP ([`cae_pipeline::signals`]): the first sets `stop` (the loop
+/// finishes its step, writes a checkpoint and the process exits with 128 + the signal's number)
+/// and records which signal it was in `signal`; a second one while `stop` is set exits at once
+/// with 128 + its number. The first is acknowledged at once.
 fn install_signal_handlers(stop: &Arc<AtomicBool>, signal: &Arc<AtomicUsize>) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    use signal_hook::flag;
-    for sig in [SIGINT, SIGTERM, SIGHUP] {
-        // Registered first: it sees the flag as the previous signal left it.
-        flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(stop)).context("installing signal handlers")?;
-        flag::register_usize(sig, Arc::clone(signal), sig as usize).context("installing signal handlers")?;
-        flag::register(sig, Arc::clone(stop)).context("installing signal handlers")?;
-    }
+    cae_pipeline::signals::install(stop, signal).context("installing signal handlers")?;
     acknowledge_stop(Arc::clone(stop), Arc::clone(signal));
     Ok(())
 }
@@ -157,12 +151,7 @@ fn acknowledge_stop(stop: Arc<AtomicBool>, signal: Arc<AtomicUsize>) {
         while !stop.load(Ordering::SeqCst) {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        let name = match signal.load(Ordering::SeqCst) as i32 {
-            signal_hook::consts::SIGINT => "SIGINT",
-            signal_hook::consts::SIGTERM => "SIGTERM",
-            signal_hook::consts::SIGHUP => "SIGHUP",
-            _ => "a stop signal",
-        };
+        let name = cae_pipeline::signals::name(signal.load(Ordering::SeqCst));
         say_err!(
             "{name} received: stopping after this step and writing a checkpoint (send it again to exit at once, \
              without one)"
