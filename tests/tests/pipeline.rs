@@ -27,6 +27,13 @@ fn shards(dir: &Path) -> PathBuf {
     out
 }
 
+/// The image of the first sample of `dir`'s first shard: one real JPEG, reused.
+fn first_jpg(dir: &Path) -> Vec<u8> {
+    let f = std::fs::File::open(dir.join("train-000000.tar")).unwrap();
+    let s = cae_pipeline::wds::SampleReader::new(f).next().unwrap().unwrap();
+    s.get("jpg").unwrap().to_vec()
+}
+
 fn cfg(workers: usize) -> LoaderConfig {
     LoaderConfig { batch_size: 4, workers, prefetch: 2, shuffle_buffer: 16, seed: 5, ..LoaderConfig::default() }
 }
@@ -206,12 +213,7 @@ fn corrupt_shard_bytes_never_panic() {
 fn bad_samples_are_skipped_and_too_many_is_fatal() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = shards(tmp.path());
-    // One real JPEG from the shards, reused.
-    let jpg = {
-        let f = std::fs::File::open(dir.join("train-000000.tar")).unwrap();
-        let s = cae_pipeline::wds::SampleReader::new(f).next().unwrap().unwrap();
-        s.get("jpg").unwrap().to_vec()
-    };
+    let jpg = first_jpg(&dir);
     let write = |path: &Path, n: usize, bad_every: usize| {
         let mut w = ShardWriter::create(path).unwrap();
         for i in 0..n {
@@ -263,10 +265,7 @@ fn bad_samples_are_skipped_and_too_many_is_fatal() {
 fn huge_headers_and_members_are_skipped_while_unlabeled_and_png_samples_load() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = shards(tmp.path());
-    let jpg = {
-        let f = std::fs::File::open(dir.join("train-000000.tar")).unwrap();
-        cae_pipeline::wds::SampleReader::new(f).next().unwrap().unwrap().get("jpg").unwrap().to_vec()
-    };
+    let jpg = first_jpg(&dir);
     let mut bomb = jpg.clone();
     let sof = bomb.windows(2).position(|m| m[0] == 0xFF && (0xC0..=0xC2).contains(&m[1])).expect("frame header");
     bomb[sof + 5..sof + 9].copy_from_slice(&[0x40, 0x00, 0x40, 0x00]); // claims 16384 x 16384
@@ -409,10 +408,7 @@ fn eval_reader_yields_every_sample_once_in_order_and_skips_bad_ones() {
     assert!(expected.len() > 30);
     // A shard with a corrupt JPEG, a sample without class and a good one, appended at the end.
     let extra = tmp.path().join("extra.tar");
-    let jpg = {
-        let f = std::fs::File::open(dir.join("train-000000.tar")).unwrap();
-        cae_pipeline::wds::SampleReader::new(f).next().unwrap().unwrap().get("jpg").unwrap().to_vec()
-    };
+    let jpg = first_jpg(&dir);
     let mut w = ShardWriter::create(&extra).unwrap();
     w.write_sample("x0", &[("jpg", b"\xFF\xD8\xFFnot a jpeg"), ("cls", b"0")]).unwrap();
     w.write_sample("x1", &[("jpg", &jpg)]).unwrap();
@@ -459,10 +455,7 @@ fn eval_reader_honours_the_caps_and_the_failed_shard_policy() {
     use cae_pipeline::read::ReadConfig;
     let tmp = tempfile::tempdir().unwrap();
     let dir = shards(tmp.path());
-    let jpg = {
-        let f = std::fs::File::open(dir.join("train-000000.tar")).unwrap();
-        cae_pipeline::wds::SampleReader::new(f).next().unwrap().unwrap().get("jpg").unwrap().to_vec()
-    };
+    let jpg = first_jpg(&dir);
     let small_png = {
         let mut out = std::io::Cursor::new(Vec::new());
         image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8, y as u8, 7]))

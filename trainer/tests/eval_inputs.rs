@@ -11,6 +11,7 @@ use cae_sharder::BuildOptions;
 use cae_tools::fixtures::{FixtureSpec, generate, wnid};
 
 mod common;
+use common::{files_under, run_args, text};
 
 // The HTTP tests' file server.
 #[allow(dead_code)]
@@ -21,10 +22,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_trainer");
 
 fn trainer(args: &[&str]) -> Output {
     Command::new(BIN).args(args).env("RUST_LOG", "warn").output().expect("spawn trainer")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 fn s(p: &Path) -> String {
@@ -160,16 +157,6 @@ fn eval_scores_every_sample_or_fails_naming_it_or_says_n_of_m() {
     assert!(text(&o).contains("23 of 24 samples"), "{}", text(&o));
 }
 
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() { out.extend(files_under(&p)) } else { out.push(p) }
-    }
-    out
-}
-
 fn assert_no_secret(what: &str, bytes: &[u8]) {
     let found = bytes.windows(6).any(|w| w == b"SECRET");
     assert!(!found, "{what} holds the URL's secret:\n{}", String::from_utf8_lossy(bytes));
@@ -193,28 +180,8 @@ fn a_presigned_shard_with_a_bad_sample_never_shows_its_signature() {
         server.addr
     );
     let run = tmp.path().join("run");
-    let o = trainer(&[
-        "run",
-        "--shards",
-        &url,
-        "--out",
-        &s(&run),
-        "--metrics-addr",
-        "off",
-        "--no-progress",
-        "--steps",
-        "3",
-        "--checkpoint-every",
-        "1",
-        "--set",
-        "data.batch_size=4",
-        "--set",
-        "data.workers=1",
-        "--set",
-        "data.shuffle_buffer=8",
-        "--set",
-        "model.target=\"pixels\"",
-    ]);
+    let args = run_args(&url, &run, 3, &["--checkpoint-every", "1"]);
+    let o = trainer(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("skipping sample") && t.contains("X-Amz-Signature=***"), "the bad sample is reported:\n{t}");

@@ -10,36 +10,9 @@ use cae_trainer::checkpoint::{Checkpoint, locate};
 use cae_trainer::train::{STEP_LOG, read_step_log};
 
 mod common;
-use common::shards;
+use common::{files_under as walk, run_args as args, shards, text};
 
 const BIN: &str = env!("CARGO_BIN_EXE_trainer");
-
-fn args(shards: &str, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "run",
-        "--shards",
-        shards,
-        "--out",
-        &out.to_string_lossy(),
-        "--metrics-addr",
-        "off",
-        "--no-progress",
-        "--steps",
-        &steps.to_string(),
-        "--set",
-        "data.batch_size=4",
-        "--set",
-        "data.workers=1",
-        "--set",
-        "data.shuffle_buffer=8",
-        "--set",
-        "model.target=\"pixels\"",
-    ]
-    .map(String::from)
-    .to_vec();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
 
 fn spawn(args: &[String], envs: &[(&str, &str)]) -> Child {
     let mut c = Command::new(BIN);
@@ -52,10 +25,6 @@ fn spawn(args: &[String], envs: &[(&str, &str)]) -> Child {
 
 fn run(args: &[String]) -> Output {
     spawn(args, &[]).wait_with_output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -210,20 +179,6 @@ fn a_fatal_data_error_leaves_a_checkpoint() {
     let log = read_step_log(&run_dir.join(STEP_LOG)).unwrap();
     assert!(ck.header.step >= 1);
     assert_eq!(ck.header.step, log.last().unwrap().step, "the last completed step");
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
 }
 
 /// Checkpoints hold absolute paths: a run started with relative paths resumes from another

@@ -15,7 +15,7 @@ const MAX_SUBDIRS: usize = 8;
 /// A local part: a glob pattern naming nothing is refused with the brace-pattern hint.
 pub(super) fn check_local_part(part: &str) -> Result<(), SourceError> {
     if part.contains(['*', '?']) && !Path::new(part).exists() {
-        return Err(SourceError::Glob { pattern: part.to_string() });
+        return Err(SourceError::Glob { pattern: crate::redact::url(part) });
     }
     Ok(())
 }

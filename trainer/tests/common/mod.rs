@@ -13,3 +13,55 @@ pub fn shards(dir: &Path) -> PathBuf {
     cae_sharder::build(&o).unwrap();
     out
 }
+
+/// `trainer run` arguments: micro on `shards` with the pixels target, batch 4, one decode worker,
+/// `steps` steps into `out`, then `extra`.
+#[allow(dead_code)] // not every test binary runs the trainer
+pub fn run_args(shards: &str, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "run",
+        "--shards",
+        shards,
+        "--out",
+        &out.to_string_lossy(),
+        "--metrics-addr",
+        "off",
+        "--no-progress",
+        "--steps",
+        &steps.to_string(),
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "data.workers=1",
+        "--set",
+        "data.shuffle_buffer=8",
+        "--set",
+        "model.target=\"pixels\"",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// A child's stdout then stderr, as text.
+#[allow(dead_code)] // not every test binary runs the trainer
+pub fn text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Every file under `dir`, recursively, sorted.
+#[allow(dead_code)] // not every test binary looks at files
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
