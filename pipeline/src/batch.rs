@@ -16,8 +16,7 @@
 //! Image buffers come from a pool and go back to it when the batch is dropped.
 
 use crossbeam_channel::{Receiver, Sender};
-
-use crate::loader::LoaderState;
+use serde::{Deserialize, Serialize};
 
 /// ImageNet mean (RGB, 0..1 scale).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -25,6 +24,25 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// DALL-E logit-Laplace epsilon: `map_pixels(x) = (1 - 2 eps) x + eps` (spec §1 step 6).
 pub const DALLE_EPS: f32 = 0.1;
+
+/// Where the loader is: resumes exactly after the batch it was taken from ([`Batch::resume`];
+/// a checkpoint saves it and [`crate::Loader::new`] starts from it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoaderState {
+    pub epoch: u64,
+    /// Batches already delivered in `epoch`.
+    pub batch: u64,
+    /// Shuffle-buffer outputs (samples, good or bad) already consumed in `epoch`.
+    pub consumed: u64,
+    /// The shuffle buffer's byte cap shaped this epoch's order before this point: the position
+    /// cannot be computed from the counts and is replayed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replay: bool,
+    /// What the state refers to: [`crate::loader::data_fingerprint`] of the shard list, counts
+    /// and data config. `None` in states saved before it existed (accepted with a warning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<u64>,
+}
 
 /// A batch of CAE samples (see the module docs for the layout).
 #[derive(Debug)]

@@ -1,58 +1,62 @@
 //! What `pipeline bench` measures besides throughput: the decode-only baseline (the same
-//! shards' JPEGs decoded whole on one thread, to compare the pipeline's per-core rate against)
+//! shards' images decoded whole on one thread, to compare the pipeline's per-core rate against)
 //! and the cost of resuming inside an epoch.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::decode;
-use crate::http::{HttpConfig, HttpFetcher};
+use crate::decode::{self, Format, RgbImage};
+use crate::http::HttpConfig;
 use crate::loader::{batches_per_epoch, data_fingerprint};
+use crate::read::{ReadConfig, check_sample, open_shard};
 use crate::source::ShardSpec;
-use crate::wds::{IMAGE_EXTS, SampleReader};
-use crate::{Loader, LoaderConfig, LoaderError, LoaderState};
+use crate::wds::SampleReader;
+use crate::{LabelPolicy, Loader, LoaderConfig, LoaderError, LoaderState};
 
-/// Up to `max` JPEG members (`.jpg`/`.jpeg`) of the first shards, read in list order, local or
-/// remote (fetched into memory, so the timing that follows measures decoding only).
-pub fn sample_jpegs(shards: &[ShardSpec], http: &HttpConfig, max: usize) -> Result<Vec<Vec<u8>>, String> {
-    let fetcher = if shards.iter().any(ShardSpec::is_http) {
-        Some(HttpFetcher::new(http).map_err(|e| format!("HTTP client: {e}"))?)
-    } else {
-        None
-    };
-    let mut jpgs = Vec::new();
+/// Up to `max` image members of the first shards (the member the loader decodes: JPEG, PNG,
+/// WebP, ...), read in list order, local or remote (fetched into memory, so the timing that
+/// follows measures decoding only), each with its format (from its bytes).
+pub fn sample_images(shards: &[ShardSpec], http: &HttpConfig, max: usize) -> Result<Vec<(Format, Vec<u8>)>, String> {
+    let read = ReadConfig { http: http.clone(), ..ReadConfig::default() };
+    let fetcher = read.fetcher(shards).map_err(|e| format!("HTTP client: {e}"))?;
+    let mut images = Vec::new();
     for s in shards {
-        if jpgs.len() >= max {
+        if images.len() >= max {
             break;
         }
-        let shown = crate::redact::url(&s.url);
-        let reader = crate::loader::open_shard(s, fetcher.as_ref()).map_err(|e| format!("opening {shown}: {e}"))?;
+        let reader = open_shard(s, fetcher.as_ref()).map_err(|e| format!("opening {}: {e}", s.url))?;
         for sample in SampleReader::new(reader) {
             // A broken sample is skipped here (the pipeline run counts it); a broken shard ends.
             let Ok(sample) = sample else { continue };
-            let jpeg = IMAGE_EXTS[..2].iter().find_map(|&ext| sample.get(ext));
-            if let Some(b) = jpeg {
-                jpgs.push(b.to_vec());
+            if let Ok(c) = check_sample(&sample, LabelPolicy::Optional) {
+                images.push((c.format, c.image.to_vec()));
             }
-            if jpgs.len() >= max {
+            if images.len() >= max {
                 break;
             }
         }
     }
-    if jpgs.is_empty() {
-        return Err("no JPEG images in the shards to measure decoding on".into());
+    if images.is_empty() {
+        return Err("no image members in the shards to measure decoding on".into());
     }
-    Ok(jpgs)
+    Ok(images)
 }
 
 /// Decodes every image whole, on this thread, twice; the faster pass counts (on a busy machine
-/// this keeps the ratio conservative). Returns (images per second, images decoded).
-pub fn decode_only_rate(jpgs: &[Vec<u8>]) -> (f64, usize) {
-    let mut img = decode::RgbImage::default();
+/// this keeps the ratio conservative). Returns (images per second, images decoded). JPEGs go to
+/// zune-jpeg as stored (no EXIF turn: the baseline is the decoder alone), other formats to the
+/// decoder the loader uses for them.
+pub fn decode_only_rate(images: &[(Format, Vec<u8>)]) -> (f64, usize) {
+    let mut img = RgbImage::default();
+    let max_pixels = ReadConfig::default().max_pixels();
+    let mut decode = |f: Format, b: &[u8]| match f {
+        Format::Jpeg => decode::decode_jpeg_into(b, true, &mut img),
+        other => decode::decode_other_into(b, other, max_pixels, &mut img),
+    };
     let (mut ok, mut best) = (0usize, f64::INFINITY);
     for _ in 0..2 {
         let t = Instant::now();
-        ok = jpgs.iter().filter(|j| decode::decode_jpeg_into(j, true, &mut img).is_ok()).count();
+        ok = images.iter().filter(|(f, b)| decode(*f, b).is_ok()).count();
         best = best.min(t.elapsed().as_secs_f64());
     }
     (ok as f64 / best, ok)

@@ -212,9 +212,10 @@ pub fn check_size(width: usize, height: usize, max_pixels: usize) -> Result<(), 
     Ok(())
 }
 
-/// Decodes a PNG or WebP (the `image` crate) whole into `out` as RGB, after checking the size
-/// its header claims against `max_pixels` (nothing is allocated for a refused image). `format`
-/// is the member's, from its extension or [`Format::sniff`].
+/// Decodes a PNG, WebP, GIF, BMP or TIFF (the `image` crate) whole into `out` as RGB, after
+/// checking the size its header claims against `max_pixels` (nothing is allocated for a refused
+/// image); a JPEG goes to [`decode_jpeg_upright_into`] with the same cap. `format` is the
+/// member's, from [`Format::sniff`] (or its extension when the bytes say nothing).
 pub fn decode_other_into(
     bytes: &[u8],
     format: Format,
@@ -224,8 +225,13 @@ pub fn decode_other_into(
     let fmt = match format {
         Format::Png => image::ImageFormat::Png,
         Format::Webp => image::ImageFormat::WebP,
-        Format::Jpeg => return decode_jpeg_into(bytes, true, out),
-        other => return Err(DecodeError::Other { format: other, message: "unsupported format".into() }),
+        Format::Gif => image::ImageFormat::Gif,
+        Format::Bmp => image::ImageFormat::Bmp,
+        Format::Tiff => image::ImageFormat::Tiff,
+        Format::Jpeg => return decode_jpeg_upright_into(bytes, true, max_pixels, out),
+        Format::Unknown => {
+            return Err(DecodeError::Other { format, message: "not an image format this reader knows".into() });
+        }
     };
     if bytes.is_empty() {
         return Err(DecodeError::Empty);

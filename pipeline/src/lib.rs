@@ -6,7 +6,10 @@
 //!
 //! - [`wds`]: the shard format (shared with the sharder); [`manifest`]: `manifest.json`.
 //! - [`source`]: shard lists (paths, URLs, brace patterns, manifest directories); [`http`]: streaming
-//!   HTTP reads on tokio with retries.
+//!   HTTP reads on tokio with retries; [`redact`]: secrets out of what is shown.
+//! - [`read`]: the front half the loader and the eval reader share — open, member cap, sample
+//!   policy (labels, image member by content, pixel cap), failed-shard policy — with one
+//!   [`read::ReadConfig`].
 //! - [`decode`]: JPEG probing and decoding (zune-jpeg); [`guard`]: panics in untrusted-input
 //!   code contained as errors.
 //! - [`augment`]: flip + one RandomResizedCrop box -> 224 bicubic and 112 Lanczos views (spec §1).
@@ -33,6 +36,7 @@ pub mod manifest;
 pub mod mask;
 pub mod metrics;
 pub mod ordered_map;
+pub mod read;
 pub mod redact;
 pub mod signals;
 pub mod source;

@@ -49,10 +49,11 @@ use serde::{Deserialize, Serialize};
 use crate::augment::AugmentConfig;
 use crate::bad_sample::BadSample;
 use crate::batch::{Batch, BufferPool};
-use crate::http::{HttpConfig, HttpFetcher};
+use crate::http::HttpConfig;
 use crate::mask::MaskConfig;
 use crate::metrics as m;
 use crate::ordered_map::{self, MapConfig, MapCounters};
+use crate::read::{ReadConfig, ShardFailures, TooManyFailed};
 use crate::source::ShardSpec;
 use crate::wds::ShardSample;
 use assemble::{Assembler, Progress};
@@ -97,16 +98,8 @@ pub struct LoaderConfig {
     pub http: HttpConfig,
 }
 
-/// `data.labels`: what a sample without a `.cls` member is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LabelPolicy {
-    /// A bad sample of kind `missing_class`.
-    Required,
-    /// A sample with label -1.
-    #[default]
-    Optional,
-}
+pub use crate::batch::LoaderState;
+pub use crate::read::LabelPolicy;
 
 impl Default for LoaderConfig {
     fn default() -> Self {
@@ -122,8 +115,8 @@ impl Default for LoaderConfig {
             max_bad_fraction: 0.01,
             epochs: None,
             max_failed_shards: None,
-            max_pixels: crate::decode::DEFAULT_MAX_PIXELS as u64,
-            max_member_bytes: crate::wds::DEFAULT_MAX_MEMBER_BYTES,
+            max_pixels: ReadConfig::default().max_pixels,
+            max_member_bytes: ReadConfig::default().max_member_bytes,
             labels: LabelPolicy::Optional,
             augment: AugmentConfig::default(),
             mask: MaskConfig::default(),
@@ -141,28 +134,21 @@ impl LoaderConfig {
             self.workers
         }
     }
+
+    /// The reading settings (caps, labels, failed-shard policy, HTTP) the eval reader shares.
+    pub fn read_config(&self) -> ReadConfig {
+        ReadConfig {
+            max_pixels: self.max_pixels,
+            max_member_bytes: self.max_member_bytes,
+            labels: self.labels,
+            max_failed_shards: self.max_failed_shards,
+            http: self.http.clone(),
+        }
+    }
 }
 
 /// Default `shuffle_buffer_bytes`: 1 GiB (ImageNet's 1000 samples hold about 110 MB).
 pub const DEFAULT_SHUFFLE_BUFFER_BYTES: u64 = 1 << 30;
-
-/// Where the loader is: resumes exactly after the batch it was taken from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LoaderState {
-    pub epoch: u64,
-    /// Batches already delivered in `epoch`.
-    pub batch: u64,
-    /// Shuffle-buffer outputs (samples, good or bad) already consumed in `epoch`.
-    pub consumed: u64,
-    /// The shuffle buffer's byte cap shaped this epoch's order before this point: the position
-    /// cannot be computed from the counts and is replayed.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub replay: bool,
-    /// What the state refers to: [`data_fingerprint`] of the shard list, counts and data
-    /// config. `None` in states saved before it existed (accepted with a warning).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<u64>,
-}
 
 /// Errors the loader reports (through the batch stream or at construction).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -191,6 +177,12 @@ pub enum LoaderError {
     ResumeMismatch { saved: u64, current: u64 },
     #[error("the loader's {thread} thread panicked (a bug, please report it): {what}")]
     Panicked { thread: &'static str, what: String },
+}
+
+impl From<TooManyFailed> for LoaderError {
+    fn from(e: TooManyFailed) -> Self {
+        LoaderError::ShardsFailed { failed: e.failed, max: e.max, last: e.last }
+    }
 }
 
 /// Counters for reports (`pipeline bench`); the same numbers go to the metrics facade.
@@ -290,9 +282,6 @@ fn mix(words: &[u64]) -> u64 {
     h
 }
 
-/// Error kind of a sample over `max_pixels` or with a member over `max_member_bytes`.
-const TOO_LARGE: &str = "too_large";
-
 pub(super) const SHARD_SALT: u64 = 0x5AAD;
 const BUFFER_SALT: u64 = 0xB0FF;
 
@@ -315,8 +304,10 @@ impl Loader {
         }
         cfg.mask.validate().map_err(|e| LoaderError::Config(e.to_string()))?;
         cfg.augment.validate().map_err(|e| LoaderError::Config(e.to_string()))?;
-        if cfg.max_pixels == 0 || cfg.max_member_bytes == 0 || cfg.shuffle_buffer_bytes == 0 {
-            return bad("max_pixels, max_member_bytes and shuffle_buffer_bytes must be at least 1".into());
+        let read = cfg.read_config();
+        read.validate().map_err(LoaderError::Config)?;
+        if cfg.shuffle_buffer_bytes == 0 {
+            return bad("shuffle_buffer_bytes must be at least 1".into());
         }
         let patch = cfg.augment.view_size / cfg.mask.grid.max(1);
         if patch * cfg.mask.grid != cfg.augment.view_size {
@@ -335,11 +326,7 @@ impl Loader {
                 cfg.world_size, cfg.batch_size
             ));
         }
-        let missing: Vec<String> = shards
-            .iter()
-            .filter(|s| !s.is_http() && !std::path::Path::new(&s.url).is_file())
-            .map(|s| s.url.clone())
-            .collect();
+        let missing = crate::read::missing_shards(&shards);
         if !missing.is_empty() {
             return Err(LoaderError::MissingShards { missing });
         }
@@ -359,17 +346,9 @@ impl Loader {
         {
             return bad(format!("the saved loader state is at batch {} of an epoch of {n} batches", start.batch));
         }
-        let max_failed_shards = cfg.max_failed_shards.unwrap_or(if shards.iter().any(ShardSpec::is_http) {
-            shards.len() as u64 / 100
-        } else {
-            0
-        });
+        let failures = ShardFailures::new(read.max_failed_for(&shards));
         m::describe();
-        let http = if shards.iter().any(ShardSpec::is_http) {
-            Some(HttpFetcher::new(&cfg.http).map_err(|e| LoaderError::Io(e.to_string()))?)
-        } else {
-            None
-        };
+        let http = read.fetcher(&shards).map_err(|e| LoaderError::Io(e.to_string()))?;
         let workers = cfg.worker_count();
         let bound = ordered_map::bound_for(workers);
         let (recycle_tx, recycle_rx) = crossbeam_channel::bounded::<(Vec<u8>, Vec<u8>)>(bound + 8);
@@ -405,6 +384,7 @@ impl Loader {
         {
             let reader = Reader {
                 cfg: cfg.clone(),
+                read,
                 shards: shards.clone(),
                 http,
                 err_tx: tx.clone(),
@@ -413,8 +393,7 @@ impl Loader {
                 stats: stats.clone(),
                 per_epoch,
                 bound,
-                failed: Default::default(),
-                max_failed_shards,
+                failures: failures.into(),
             };
             // The reader may sit in a blocking read when the loader is dropped: not joined.
             let out = reader.err_tx.clone();
@@ -491,5 +470,3 @@ mod stream;
 mod worker;
 
 pub use shard_plan::{batches_per_epoch, data_fingerprint, epoch_shards};
-
-pub(crate) use reader::open_shard;

@@ -157,16 +157,19 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
     let decode_ms = (s1.decode_ns - s0.decode_ns) as f64 / done / 1e6;
     let augment_ms = (s1.augment_ns - s0.augment_ns) as f64 / done / 1e6;
     let read_ms = (s1.read_ns - s0.read_ns) as f64 / (s1.read - s0.read).max(1) as f64 / 1e6;
-    let mb_s = (s1.bytes - s0.bytes) as f64 / 1e6 / secs;
+    // The bytes this rate reads: images/s x the mean bytes of a sample read. (Bytes read during
+    // the timed batches alone say nothing on a small set: the shuffle buffer read it all during
+    // the warm-up, and "0.0 MB/s" was printed.)
+    let mb_s = ips * s1.bytes as f64 / s1.read.max(1) as f64 / 1e6;
     let rows_fraction = (s1.decoded_rows - s0.decoded_rows) as f64 / (s1.image_rows - s0.image_rows).max(1) as f64;
 
-    // Decode alone, one thread, on the images of the same shards: as many as the pipeline
+    // Decode alone, one thread, on the images of the same shards (whatever their format): as many as the pipeline
     // delivered (so the mean image size is the same; at most 4096 held in memory at once).
     // Remote shards are fetched again into memory first: only the decoding is timed.
-    let jpgs = cae_pipeline::bench::sample_jpegs(&shards, &cfg_http, (batches * batch_size).clamp(512, 4096))
+    let sampled = cae_pipeline::bench::sample_images(&shards, &cfg_http, (batches * batch_size).clamp(512, 4096))
         .map_err(anyhow::Error::msg)?;
-    let (dec_ips, dec_n) = cae_pipeline::bench::decode_only_rate(&jpgs);
-    drop(jpgs);
+    let (dec_ips, dec_n) = cae_pipeline::bench::decode_only_rate(&sampled);
+    drop(sampled);
     let ratio = per_core / dec_ips;
     // Resume cost: a loader opened at 90 % of epoch 0 as a checkpoint would reopen it. Not on
     // remote shards: it would download up to `resume_shards_bound` shards again.
@@ -205,7 +208,7 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
         println!("pipeline: {batches} batches of {batch_size} in {secs:.2} s with {workers} workers");
         println!("  images/s            {ips:>10.1}");
         println!("  images/s per core   {per_core:>10.1}");
-        println!("  MB/s read           {mb_s:>10.1}");
+        println!("  MB/s read           {mb_s:>10.1} (images/s x mean sample bytes)");
         println!("  per image: read {read_ms:.3} ms, decode {decode_ms:.3} ms, crop+resize+mask {augment_ms:.3} ms");
         println!("  rows decoded        {:>10.1} % (decoding stops below the crop box)", 100.0 * rows_fraction);
         println!("  peak RSS            {:>10.1} MiB", peak_rss as f64 / (1 << 20) as f64);
@@ -222,7 +225,7 @@ fn bench(args: &LoaderArgs, batch_size: usize, batches: usize, json: bool) -> an
             None => println!("  resume: no sample counts (no manifest): a resume replays the epoch up to its position"),
         }
         println!(
-            "zune-jpeg decode only (1 thread, {dec_n} images of the same shards, in memory): {dec_ips:.1} images/s"
+            "decode only (1 thread, {dec_n} images of the same shards, in memory, zune-jpeg for JPEG): {dec_ips:.1} images/s"
         );
         println!("ratio pipeline per core / decode only: {ratio:.2}");
         if s1.bad > 0 {

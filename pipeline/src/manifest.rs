@@ -81,6 +81,38 @@ pub fn check_shard_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Where two class lists first differ: the class index and each list's class there (`None`
+/// past its end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassDifference {
+    pub index: usize,
+    pub a: Option<String>,
+    pub b: Option<String>,
+}
+
+/// The first place where class lists `a` and `b` differ; `None` when they are the same list.
+/// Labels are indices into these lists (`.cls`), so two shard sets whose lists differ give the
+/// same label to different classes: evaluating one against the other scores shifted labels.
+pub fn first_class_difference(a: &[String], b: &[String]) -> Option<ClassDifference> {
+    let index = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
+    (index < a.len().max(b.len())).then(|| ClassDifference {
+        index,
+        a: a.get(index).cloned(),
+        b: b.get(index).cloned(),
+    })
+}
+
+impl ClassDifference {
+    /// "class 3 is \"n01443537\" in the train shards but \"n01484850\" in the val shards".
+    pub fn describe(&self, a_name: &str, b_name: &str) -> String {
+        let show = |c: &Option<String>, n: &str| match c {
+            Some(c) => format!("{c:?} in {n}"),
+            None => format!("missing in {n} (its list ends before)"),
+        };
+        format!("class {} is {} but {}", self.index, show(&self.a, a_name), show(&self.b, b_name))
+    }
+}
+
 impl Manifest {
     /// Reads `dir/manifest.json` (or the file itself when `path` is a file).
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
@@ -128,6 +160,22 @@ mod tests {
             rejected: 0,
             shards: names.iter().map(|n| ShardEntry { name: n.to_string(), digest: digest.clone() }).collect(),
         }
+    }
+
+    #[test]
+    fn the_first_class_difference_is_found_and_named() {
+        let l = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(first_class_difference(&l(&["a", "b"]), &l(&["a", "b"])), None);
+        // A list lacking one class: every later index shifts by one.
+        let d = first_class_difference(&l(&["a", "b", "c", "d"]), &l(&["a", "c", "d"])).unwrap();
+        assert_eq!((d.index, d.a.as_deref(), d.b.as_deref()), (1, Some("b"), Some("c")));
+        assert_eq!(
+            d.describe("the train shards", "the val shards"),
+            r#"class 1 is "b" in the train shards but "c" in the val shards"#
+        );
+        let d = first_class_difference(&l(&["a", "b"]), &l(&["a", "b", "c"])).unwrap();
+        assert_eq!((d.index, d.a.as_deref(), d.b.as_deref()), (2, None, Some("c")));
+        assert!(d.describe("T", "V").contains("missing in T"), "{}", d.describe("T", "V"));
     }
 
     #[test]

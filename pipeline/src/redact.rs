@@ -1,6 +1,10 @@
 //! Secrets out of logs and files: credentials in URLs (`user:password@`) and signature or token
 //! query parameters (presigned S3/GCS/Azure URLs) are shown as `***` wherever a shard source is
 //! logged, printed or stored (checkpoints, feature files).
+//!
+//! This module knows URLs and text only (it imports nothing of the crate): a shard's shown name
+//! is made once, when its [`ShardSpec`](crate::source::ShardSpec) is made, and a whole source
+//! string is redacted by [`crate::source::redacted`].
 
 /// Query parameters whose values are secrets (compared case-insensitively).
 const SECRET_PARAMS: &[&str] = &[
@@ -26,12 +30,13 @@ const SECRET_PARAMS: &[&str] = &[
     "apikey",
 ];
 
-/// `url` with its credentials and secret query values replaced by `***`; anything that is not
-/// an absolute URL with such parts (a local path, a plain URL) comes back unchanged.
+/// `url` with its credentials and secret query values replaced by `***`. Something that is not
+/// an absolute URL keeps its text, except the values of secret parameters after a `?` (a
+/// relative `x.tar?X-Amz-Signature=...`); a local path or a plain URL comes back unchanged.
 pub fn url(url: &str) -> String {
-    let Ok(mut u) = url::Url::parse(url) else { return url.to_string() };
+    let Ok(mut u) = url::Url::parse(url) else { return relative(url) };
     if u.cannot_be_a_base() {
-        return url.to_string();
+        return relative(url);
     }
     let mut changed = false;
     if !u.username().is_empty() || u.password().is_some() {
@@ -56,10 +61,18 @@ fn is_secret(key: &str) -> bool {
     SECRET_PARAMS.contains(&k.as_str())
 }
 
-/// A shard source (paths, patterns and URLs joined by `::`) with every URL redacted.
-pub fn source(source: &str) -> String {
-    // Split as the source is read: `::` inside an IPv6 literal (`[::1]`) is not a separator.
-    crate::source::split_sources(source).into_iter().map(url).collect::<Vec<_>>().join("::")
+/// A string that is not an absolute URL (a path, a URL's last segment) with the values of secret
+/// parameters of its query (after the first `?`) replaced by `***`; the rest is kept as it is.
+fn relative(s: &str) -> String {
+    let Some((head, query)) = s.split_once('?') else { return s.to_string() };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if is_secret(k) => format!("{k}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{head}?{}", pairs.join("&"))
 }
 
 /// `text` (an error message, a log line) with every URL in it redacted; URLs end at white space
@@ -130,11 +143,15 @@ mod tests {
             assert_eq!(url(s), s);
             assert!(!is_redacted(&url(s)));
         }
-        let joined = "/a.tar::https://u:p@h/b.tar";
-        let r = source(joined);
-        assert!(r.starts_with("/a.tar::") && !r.contains("u:p"), "{r}");
-        // Regression: an IPv6 literal's `::` split the URL, and its pieces were left as they were.
-        let r = source("/a.tar::http://u:s3cr3t@[::1]:8080/b.tar");
-        assert!(!r.contains("s3cr3t") && r.contains("[::1]:8080/b.tar") && r.starts_with("/a.tar::"), "{r}");
+    }
+
+    /// Regression: the shown name of a presigned shard (`x.tar?X-Amz-Signature=...`, the last
+    /// segment of its URL) is not an absolute URL, and was passed through with its signature.
+    #[test]
+    fn secret_parameters_of_a_relative_name_are_hidden() {
+        let r = url("x.tar?X-Amz-Algorithm=AWS4&X-Amz-Signature=deadbeef&sig&part=1");
+        assert_eq!(r, "x.tar?X-Amz-Algorithm=AWS4&X-Amz-Signature=***&sig&part=1");
+        assert_eq!(url("shards/a?b.tar"), "shards/a?b.tar", "a `?` in a file name stays");
+        assert_eq!(url("x.tar?token=a=b"), "x.tar?token=***");
     }
 }

@@ -31,7 +31,7 @@ fn write_shards(dir: &Path, n: usize, per: usize, bad: impl Fn(usize, usize) -> 
                 w.write_sample(&format!("k{s:04}_{i:03}"), &[("jpg", &img), ("cls", b"1")]).expect("write");
             }
             w.finish().expect("finish");
-            ShardSpec { url: path.to_string_lossy().into_owned(), samples: Some(per as u64) }
+            ShardSpec::new(path.to_string_lossy().into_owned(), Some(per as u64))
         })
         .collect()
 }

@@ -27,6 +27,13 @@ fn shards(dir: &Path) -> PathBuf {
     out
 }
 
+/// The image of the first sample of `dir`'s first shard: one real JPEG, reused.
+fn first_jpg(dir: &Path) -> Vec<u8> {
+    let f = std::fs::File::open(dir.join("train-000000.tar")).unwrap();
+    let s = cae_pipeline::wds::SampleReader::new(f).next().unwrap().unwrap();
+    s.get("jpg").unwrap().to_vec()
+}
+
 fn cfg(workers: usize) -> LoaderConfig {
     LoaderConfig { batch_size: 4, workers, prefetch: 2, shuffle_buffer: 16, seed: 5, ..LoaderConfig::default() }
 }
@@ -206,12 +213,7 @@ fn corrupt_shard_bytes_never_panic() {
 fn bad_samples_are_skipped_and_too_many_is_fatal() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = shards(tmp.path());
-    // One real JPEG from the shards, reused.
-    let jpg = {
-        let f = std::fs::File::open(dir.join("train-000000.tar")).unwrap();
-        let s = cae_pipeline::wds::SampleReader::new(f).next().unwrap().unwrap();
-        s.get("jpg").unwrap().to_vec()
-    };
+    let jpg = first_jpg(&dir);
     let write = |path: &Path, n: usize, bad_every: usize| {
         let mut w = ShardWriter::create(path).unwrap();
         for i in 0..n {
@@ -263,10 +265,7 @@ fn bad_samples_are_skipped_and_too_many_is_fatal() {
 fn huge_headers_and_members_are_skipped_while_unlabeled_and_png_samples_load() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = shards(tmp.path());
-    let jpg = {
-        let f = std::fs::File::open(dir.join("train-000000.tar")).unwrap();
-        cae_pipeline::wds::SampleReader::new(f).next().unwrap().unwrap().get("jpg").unwrap().to_vec()
-    };
+    let jpg = first_jpg(&dir);
     let mut bomb = jpg.clone();
     let sof = bomb.windows(2).position(|m| m[0] == 0xFF && (0xC0..=0xC2).contains(&m[1])).expect("frame header");
     bomb[sof + 5..sof + 9].copy_from_slice(&[0x40, 0x00, 0x40, 0x00]); // claims 16384 x 16384
@@ -369,7 +368,7 @@ fn missing_and_short_local_shards_are_errors_not_silent_loss() {
 
 #[test]
 fn bad_configs_fail_at_start() {
-    let spec = vec![ShardSpec { url: "x.tar".into(), samples: None }];
+    let spec = vec![ShardSpec::new("x.tar", None)];
     let err = |c: LoaderConfig| Loader::new(c, spec.clone(), LoaderState::default()).err().map(|e| e.to_string());
     assert!(err(LoaderConfig { world_size: 2, rank: 0, ..cfg(1) }).is_some_and(|e| e.contains("shards")));
     assert!(err(LoaderConfig { batch_size: 0, ..cfg(1) }).is_some());
@@ -409,10 +408,7 @@ fn eval_reader_yields_every_sample_once_in_order_and_skips_bad_ones() {
     assert!(expected.len() > 30);
     // A shard with a corrupt JPEG, a sample without class and a good one, appended at the end.
     let extra = tmp.path().join("extra.tar");
-    let jpg = {
-        let f = std::fs::File::open(dir.join("train-000000.tar")).unwrap();
-        cae_pipeline::wds::SampleReader::new(f).next().unwrap().unwrap().get("jpg").unwrap().to_vec()
-    };
+    let jpg = first_jpg(&dir);
     let mut w = ShardWriter::create(&extra).unwrap();
     w.write_sample("x0", &[("jpg", b"\xFF\xD8\xFFnot a jpeg"), ("cls", b"0")]).unwrap();
     w.write_sample("x1", &[("jpg", &jpg)]).unwrap();
@@ -447,6 +443,83 @@ fn eval_reader_yields_every_sample_once_in_order_and_skips_bad_ones() {
         assert_eq!(reader.stats().bad_samples.load(Ordering::Relaxed), 1);
         drop(reader);
     }
+}
+
+/// Regression (issue 22): the eval reader re-implemented the loader's reading and drifted: no
+/// tar-member cap, a fixed pixel cap instead of `max_pixels`, a PNG stored as `.jpg` sent to the
+/// JPEG decoder, and a failed shard only a warning (`eval knn` scored a subset). Now it reads
+/// through the loader's front half with the run's `ReadConfig`.
+#[test]
+fn eval_reader_honours_the_caps_and_the_failed_shard_policy() {
+    use cae_pipeline::eval::{EvalConfig, EvalReader};
+    use cae_pipeline::read::ReadConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shards(tmp.path());
+    let jpg = first_jpg(&dir);
+    let small_png = {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8, y as u8, 7]))
+            .write_to(&mut out, image::ImageFormat::Png)
+            .unwrap();
+        out.into_inner()
+    };
+    let caps = tmp.path().join("caps.tar");
+    let mut w = ShardWriter::create(&caps).unwrap();
+    w.write_sample("a", &[("cls", b"1"), ("jpg", &small_png)]).unwrap(); // a PNG named .jpg
+    w.write_sample("b", &[("cls", b"2"), ("jpg", &jpg)]).unwrap(); // over the pixel cap
+    w.write_sample("c", &[("cls", b"3"), ("jpg", &vec![0u8; 300_000])]).unwrap(); // over the member cap
+    w.write_sample("d", &[("cls", b"4"), ("png", &small_png)]).unwrap();
+    w.finish().unwrap();
+    let read = ReadConfig { max_pixels: 64 * 48, max_member_bytes: 200_000, ..ReadConfig::default() };
+    let cfg = EvalConfig { batch_size: 3, workers: 2, read, ..EvalConfig::default() };
+    let mut reader = EvalReader::new(cfg.clone(), source::expand(caps.to_str().unwrap()).unwrap()).unwrap();
+    let mut got = Vec::new();
+    for b in reader.by_ref() {
+        let b = b.expect("no fatal error");
+        got.extend(b.keys.iter().cloned().zip(b.labels.iter().copied()));
+    }
+    assert_eq!(got, [("a".to_string(), 1), ("d".to_string(), 4)]);
+    let bad = reader.stats().first_bad_samples();
+    assert_eq!(bad.len(), 2, "{bad:?}");
+    assert!(bad[0].contains("sample b") && bad[0].contains("over the limits"), "{bad:?}");
+    assert!(bad[1].contains("sample c") && bad[1].contains("over the 200000-byte cap"), "{bad:?}");
+    drop(reader);
+
+    // A broken shard (cut in half) of a manifest set: the pass ends with an error naming it
+    // (local shards: none tolerated by default) ...
+    let victim = dir.join("train-000002.tar");
+    let bytes = std::fs::read(&victim).unwrap();
+    std::fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap();
+    let specs = source::expand(dir.to_str().unwrap()).unwrap();
+    let total: u64 = specs.iter().filter_map(|s| s.samples).sum();
+    let pass = |cfg: EvalConfig| {
+        let mut reader = EvalReader::new(cfg, specs.clone()).unwrap();
+        let (mut n, mut fatal) = (0, None);
+        for b in reader.by_ref() {
+            match b {
+                Ok(b) => n += b.len() as u64,
+                Err(e) => fatal = Some(e),
+            }
+        }
+        (n, fatal, reader.stats().failed_shards(), reader.stats().expected_samples)
+    };
+    let (_, fatal, _, _) = pass(EvalConfig { batch_size: 4, workers: 2, ..EvalConfig::default() });
+    match fatal {
+        Some(LoaderError::ShardsFailed { failed, max: 0, .. }) => {
+            assert_eq!(failed, [victim.to_string_lossy().into_owned()])
+        }
+        other => panic!("expected the broken shard to end the pass, got {other:?}"),
+    }
+    // ... or, tolerated, the rest is read and the stats say what was not.
+    let read = ReadConfig { max_failed_shards: Some(1), ..ReadConfig::default() };
+    let (n, fatal, failed, expected) = pass(EvalConfig { batch_size: 4, workers: 2, read, ..EvalConfig::default() });
+    assert!(fatal.is_none(), "{fatal:?}");
+    assert_eq!((failed, expected), (vec![victim.to_string_lossy().into_owned()], Some(total)));
+    assert!(n < total && n >= total - 8, "{n} of {total} read");
+    // A listed local shard that does not exist is an error at start, naming it.
+    std::fs::remove_file(&victim).unwrap();
+    let e = EvalReader::new(EvalConfig::default(), specs.clone()).err();
+    assert!(matches!(&e, Some(LoaderError::MissingShards { missing }) if missing.len() == 1), "{e:?}");
 }
 
 /// The shuffle buffer is drained at the end of the shard list, before a wrap-around: an epoch

@@ -10,14 +10,19 @@
 //! File layout (safetensors): `cls` F32 `[n, D]`, `mean` F32 `[n, D]`, `labels` I64 `[n]` (-1 for a
 //! sample without `.cls`), `keys` U8 `[n, L]` (each row a UTF-8 sample key, zero-padded to the
 //! longest key). In Python: `[bytes(r).rstrip(b"\0").decode() for r in f["keys"]]`.
+//!
+//! Every sample is read or the extraction fails, naming the shard and sample (or the failed
+//! shards); with `allow_partial` the rest is read and [`ReadReport`] says what was left out.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use cae_pipeline::eval::{EvalBatch, EvalConfig, EvalReader};
+use cae_pipeline::eval::{EvalBatch, EvalConfig, EvalReader, EvalStats};
+use cae_pipeline::source::ShardSpec;
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
 
 use crate::CaeError;
 use crate::export::{RawTensor, write_tensors};
@@ -34,8 +39,66 @@ pub struct Features {
     pub mean: Vec<f32>,
     pub labels: Vec<i64>,
     pub keys: Vec<String>,
-    /// Samples skipped as bad (corrupt image, bad class).
+    /// What was read of the shard set.
+    pub read: ReadReport,
+}
+
+/// What a features pass read: "N of M samples", and what it left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReadReport {
+    /// Samples read and used.
+    pub samples: u64,
+    /// Samples the shards hold by their manifests (`null` without counts).
+    pub of: Option<u64>,
+    /// Samples skipped as bad (corrupt image, bad class, too large).
     pub bad_samples: u64,
+    /// Shards that failed (cannot open, broken tar, short against the manifest), secrets redacted.
+    pub failed_shards: Vec<String>,
+}
+
+impl ReadReport {
+    fn of_pass(stats: &EvalStats) -> Self {
+        ReadReport {
+            samples: stats.samples_done.load(Ordering::Relaxed),
+            of: stats.expected_samples,
+            bad_samples: stats.bad_samples.load(Ordering::Relaxed),
+            failed_shards: stats.failed_shards(),
+        }
+    }
+
+    /// Whether every sample of the set was read.
+    pub fn complete(&self) -> bool {
+        self.bad_samples == 0 && self.failed_shards.is_empty() && self.of.is_none_or(|m| m == self.samples)
+    }
+
+    /// "24 of 25 samples (1 bad sample)", "24 samples, 1 shard failed: a.tar".
+    pub fn describe(&self) -> String {
+        let mut s = match self.of {
+            Some(m) => format!("{} of {m} samples", self.samples),
+            None => format!("{} samples", self.samples),
+        };
+        if self.bad_samples > 0 {
+            s.push_str(&format!(", {} bad samples skipped", self.bad_samples));
+        }
+        if !self.failed_shards.is_empty() {
+            s.push_str(&format!(", {} shards failed: {}", self.failed_shards.len(), self.failed_shards.join(", ")));
+        }
+        s
+    }
+}
+
+/// What [`extract`] reads and how.
+#[derive(Debug, Clone)]
+pub struct ExtractConfig {
+    /// The test transform, threads, caps and policies. Without `allow_partial` the failed-shard
+    /// tolerance is 0.
+    pub eval: EvalConfig,
+    /// The shard source as it may be shown (secrets redacted), for messages.
+    pub shown: String,
+    /// Read what can be read, and report the rest ([`ReadReport`]), instead of failing at the
+    /// first sample or shard that cannot be read.
+    pub allow_partial: bool,
+    pub progress: bool,
 }
 
 impl Features {
@@ -93,20 +156,21 @@ fn host(t: Tensor<impl Backend, 2>) -> Result<Vec<f32>, CaeError> {
     t.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| CaeError::Data(format!("reading features: {e:?}")))
 }
 
-/// Features of every sample of `shards` (a source string: path, brace pattern, URLs, manifest
-/// directory). `cfg.crop` must be the encoder's input size.
+/// Features of every sample of `shards`. `cfg.eval.crop` must be the encoder's input size.
 pub fn extract<B: Backend>(
     encoder: &Encoder<B>,
-    shards: &str,
-    cfg: EvalConfig,
+    shards: Vec<ShardSpec>,
+    cfg: &ExtractConfig,
     device: &B::Device,
-    progress: bool,
 ) -> Result<Features, CaeError> {
-    let specs =
-        cae_pipeline::source::expand_with(shards, &cfg.http).map_err(|e| CaeError::Data(format!("{shards}: {e}")))?;
-    let total: Option<u64> = specs.iter().map(|s| s.samples).sum();
-    let mut reader = EvalReader::new(cfg, specs).map_err(|e| CaeError::Data(e.to_string()))?;
-    let pb = match (progress, total) {
+    let shown = &cfg.shown;
+    let total: Option<u64> = shards.iter().map(|s| s.samples).sum();
+    let mut eval = cfg.eval.clone();
+    if !cfg.allow_partial {
+        eval.read.max_failed_shards = Some(0);
+    }
+    let mut reader = EvalReader::new(eval, shards).map_err(|e| partial_hint(shown, &e.to_string()))?;
+    let pb = match (cfg.progress, total) {
         (false, _) => ProgressBar::hidden(),
         (true, Some(t)) => ProgressBar::new(t),
         (true, None) => ProgressBar::no_length(),
@@ -116,10 +180,21 @@ pub fn extract<B: Backend>(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let d = encoder.cls_token.val().dims()[2];
-    let mut out =
-        Features { dim: d, cls: Vec::new(), mean: Vec::new(), labels: Vec::new(), keys: Vec::new(), bad_samples: 0 };
-    for batch in reader.by_ref() {
-        let batch = batch.map_err(|e| CaeError::Data(e.to_string()))?;
+    let mut out = Features {
+        dim: d,
+        cls: Vec::new(),
+        mean: Vec::new(),
+        labels: Vec::new(),
+        keys: Vec::new(),
+        read: ReadReport::default(),
+    };
+    while let Some(batch) = reader.next() {
+        let batch = batch.map_err(|e| partial_hint(shown, &e.to_string()))?;
+        if !cfg.allow_partial
+            && let Some(bad) = reader.stats().first_bad_samples().first()
+        {
+            return Err(partial_hint(shown, &format!("{bad} (and every sample must be read)")));
+        }
         let (cls, mean) = encode_batch(encoder, &batch, device)?;
         out.cls.extend(host(cls)?);
         out.mean.extend(host(mean)?);
@@ -128,15 +203,26 @@ pub fn extract<B: Backend>(
         out.keys.extend(batch.keys);
     }
     pb.finish_and_clear();
-    out.bad_samples = reader.stats().bad_samples.load(Ordering::Relaxed);
-    let failed = reader.stats().shards_failed.load(Ordering::Relaxed);
-    if out.bad_samples > 0 || failed > 0 {
-        tracing::warn!("{shards}: {} bad samples skipped, {failed} shards failed", out.bad_samples);
+    out.read = ReadReport::of_pass(reader.stats());
+    if !cfg.allow_partial
+        && let Some(bad) = reader.stats().first_bad_samples().first()
+    {
+        return Err(partial_hint(shown, &format!("{bad} (and every sample must be read)")));
+    }
+    if !out.read.complete() {
+        tracing::warn!("{shown}: {}", out.read.describe());
     }
     if out.is_empty() {
-        return Err(CaeError::Data(format!("{shards}: no readable samples")));
+        return Err(CaeError::Data(format!("{shown}: no readable samples")));
     }
     Ok(out)
+}
+
+/// A read failure of `shown`, with the way to read the rest anyway.
+fn partial_hint(shown: &str, what: &str) -> CaeError {
+    CaeError::Data(format!(
+        "{shown}: {what}; pass --allow-partial to use the samples that can be read (the result then says how many)"
+    ))
 }
 
 #[cfg(test)]
@@ -193,7 +279,7 @@ mod tests {
             mean: vec![5.0, 6.0, 7.0, 8.0],
             labels: vec![3, -1],
             keys: vec!["abc".into(), "x".into()],
-            bad_samples: 0,
+            read: ReadReport::default(),
         };
         let p = tmp.path().join("f.safetensors");
         f.save(&p, &[("preset", "micro".into())]).unwrap();

@@ -1,7 +1,9 @@
 //! Weighted k-NN classification on frozen features (the DINO protocol, Caron et al. 2021,
 //! `eval_knn.py`): features are L2-normalised; for each query the k most cosine-similar training
-//! features vote for their class with weight `exp(similarity / T)`; the classes are ranked by
-//! their summed votes. Defaults k = 20, T = 0.07.
+//! features vote for their class with weight `exp(similarity / T)`; every class is ranked by its
+//! summed votes — classes without votes after those with votes, ties in class-index order (a
+//! stable sort of all classes, where DINO sorts its whole `probs` row) — and top-5 looks at the
+//! first min(5, k) places. Defaults k = 20, T = 0.07.
 //!
 //! The similarity matrix and the top-k run on the backend in chunks of queries (a GPU does
 //! ImageNet's 50k x 1.28M in seconds); the votes are summed on the host.
@@ -76,8 +78,8 @@ pub fn weighted_knn<B: Backend>(
     // Queries per chunk: keeps the [chunk, nt] similarity matrix near 64M entries.
     let chunk = (64_000_000 / nt).clamp(1, 1024);
     let (mut top1, mut top5) = (0usize, 0usize);
-    // DINO counts top-5 over min(5, k) places: with fewer neighbours there are fewer ranked
-    // classes. A class without votes is never counted as found.
+    // DINO counts top-5 over min(5, k) places of the ranking of all classes: a class without
+    // votes can be among them (after every class with votes), as in DINO.
     let top5_places = k.min(5);
     let mut votes = vec![0f64; classes];
     for (c, (rows, labels)) in val.chunks(chunk * dim).zip(val_labels.chunks(chunk)).enumerate() {
@@ -101,13 +103,9 @@ pub fn weighted_knn<B: Backend>(
                 let t = idx[i * k + j] as usize;
                 votes[train_labels[t] as usize] += (f64::from(vals[i * k + j]) / temperature).exp();
             }
-            // Rank of the true class: classes with strictly more votes come before it; ties go
-            // to the lower class index (a stable sort by votes, descending).
-            let mine = votes[label as usize];
-            let rank =
-                votes.iter().enumerate().filter(|&(cl, &v)| v > mine || (v == mine && cl < label as usize)).count();
-            top1 += usize::from(rank == 0 && mine > 0.0);
-            top5 += usize::from(rank < top5_places && mine > 0.0);
+            let rank = rank_of(&votes, label as usize);
+            top1 += usize::from(rank == 0);
+            top5 += usize::from(rank < top5_places);
         }
     }
     Ok(KnnResult {
@@ -119,6 +117,14 @@ pub fn weighted_knn<B: Backend>(
         val_samples: nv,
         classes,
     })
+}
+
+/// Place of class `class` when every class is sorted by votes, descending, ties in class-index
+/// order (a stable sort): the classes with strictly more votes, and those with as many and a
+/// lower index, come before it. A class without votes comes after every class with votes.
+fn rank_of(votes: &[f64], class: usize) -> usize {
+    let mine = votes[class];
+    votes.iter().enumerate().filter(|&(c, &v)| v > mine || (v == mine && c < class)).count()
 }
 
 #[cfg(test)]
@@ -155,6 +161,30 @@ mod tests {
         assert_eq!((r.top1, r.val_samples), (1.0, 1));
     }
 
+    /// Regression: top-5 never counted a class without votes, where DINO ranks all classes (those
+    /// without votes after those with votes) and finds it when it falls in the first min(5, k)
+    /// places. Query at 0° of class 0; train: class 2 at 1° and 2°, class 3 at 3°, classes 0, 1
+    /// and 4 far away (180°, 180°, 179°). With k = 3 only classes 2 and 3 vote: the ranking is
+    /// 2, 3, then the voteless 0, 1, 4 in index order: class 0 is third, inside min(5, 3) places.
+    #[test]
+    fn top5_ranks_classes_without_votes_after_those_with_votes() {
+        let p = |deg: f32| [deg.to_radians().cos(), deg.to_radians().sin()];
+        let train: Vec<f32> = [1.0, 2.0, 3.0, 180.0, 180.0, 179.0].iter().flat_map(|&a| p(a)).collect();
+        let tl = [2, 2, 3, 0, 1, 4];
+        let r = knn(&train, &tl, &p(0.0), &[0], 2, 3);
+        assert_eq!((r.top1, r.top5), (0.0, 1.0), "class 0 is third");
+        // Class 4 has no votes either but a higher index: fifth, outside 3 places.
+        let r = knn(&train, &tl, &p(0.0), &[4], 2, 3);
+        assert_eq!((r.top1, r.top5), (0.0, 0.0), "class 4 is fifth (after 2, 3, 0, 1)");
+        // With k = 2 only class 2 votes: 2, then 0 (second of 2 places), 1, 3, 4.
+        let r = knn(&train, &tl, &[p(0.0), p(0.0)].concat(), &[0, 1], 2, 2);
+        assert_eq!(r.top5, 0.5, "class 0 second (found), class 1 third (outside 2 places)");
+        // The order itself: votes descending, ties by class index.
+        let votes = [0.0, 2.0, 0.0, 2.0, 5.0];
+        let places: Vec<usize> = (0..5).map(|c| rank_of(&votes, c)).collect();
+        assert_eq!(places, [3, 1, 4, 2, 0]);
+    }
+
     /// Against a brute-force f64 implementation (sort all similarities) on random data.
     #[test]
     fn matches_brute_force() {
@@ -182,7 +212,7 @@ mod tests {
             let mut order: Vec<usize> = (0..classes as usize).collect();
             order.sort_by(|&a, &b| votes[b].total_cmp(&votes[a]));
             t1 += usize::from(order[0] == label as usize);
-            t5 += usize::from(order[..5].contains(&(label as usize)) && votes[label as usize] > 0.0);
+            t5 += usize::from(order[..5].contains(&(label as usize)));
         }
         let r = knn(&train, &tl, &val, &vl, dim, k);
         assert_eq!(r.top1, t1 as f64 / nv as f64);

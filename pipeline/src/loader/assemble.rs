@@ -129,7 +129,7 @@ impl Assembler {
                 Err(bad) => {
                     bad_count += 1;
                     self.stats.bad_samples.fetch_add(1, Ordering::Relaxed);
-                    if bad.kind == super::TOO_LARGE {
+                    if bad.kind == crate::read::TOO_LARGE {
                         self.stats.too_large.fetch_add(1, Ordering::Relaxed);
                     }
                     bad.report();

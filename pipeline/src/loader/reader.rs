@@ -12,24 +12,24 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::fs::File;
-use std::io::{BufReader, Read};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::assemble::Progress;
 use super::stream::{CountFeed, Feed, Halt, Placeholder, ShuffleBuffer, Stream};
-use super::{BUFFER_SALT, Job, LoaderConfig, LoaderError, LoaderState, LoaderStats, TOO_LARGE, Work, mix};
+use super::{BUFFER_SALT, Job, LoaderConfig, LoaderError, LoaderState, LoaderStats, Work, mix};
 use crate::batch::Batch;
 use crate::http::HttpFetcher;
 use crate::metrics as m;
 use crate::ordered_map::Submitter;
+use crate::read::{ReadConfig, ShardFailures, ShardItem, ShardReader, ShardSamples, open_shard};
 use crate::source::ShardSpec;
-use crate::wds::{SampleReader, WdsError};
 
 pub(super) struct Reader {
     pub(super) cfg: Arc<LoaderConfig>,
+    /// The reading settings ([`LoaderConfig::read_config`]).
+    pub(super) read: ReadConfig,
     pub(super) shards: Arc<[ShardSpec]>,
     pub(super) http: Option<HttpFetcher>,
     pub(super) err_tx: async_channel::Sender<Result<Batch, LoaderError>>,
@@ -40,13 +40,12 @@ pub(super) struct Reader {
     pub(super) per_epoch: Option<u64>,
     /// `K`: the ordered map's window (the tail's reserve is `3 x K`, more than can be in flight).
     pub(super) bound: usize,
-    /// Failed shards (distinct URLs) so far, and how many are tolerated.
-    pub(super) failed: RefCell<BTreeSet<String>>,
-    pub(super) max_failed_shards: u64,
+    /// The failed-shard policy (failed shards so far, how many are tolerated).
+    pub(super) failures: RefCell<ShardFailures>,
 }
 
 /// A shard opened for streaming, or why it could not be.
-type Opened = Result<Box<dyn Read + Send>, String>;
+type Opened = Result<ShardReader, String>;
 
 /// Samples read from tar shards.
 pub(super) struct TarFeed<'a> {
@@ -62,7 +61,7 @@ struct Current {
     shard: usize,
     pass: u32,
     name: Arc<str>,
-    samples: SampleReader<Box<dyn Read + Send>>,
+    samples: ShardSamples,
     index: u64,
 }
 
@@ -86,11 +85,11 @@ impl Feed for TarFeed<'_> {
         ::metrics::counter!(m::SHARDS_OPENED).increment(1);
         match opened {
             Ok(reader) => {
-                let samples = SampleReader::with_max_member(reader, self.r.cfg.max_member_bytes);
+                let samples = ShardSamples::new(reader, spec, &self.r.read);
                 self.current = Some(Current { shard, pass, name: spec.name().into(), samples, index: 0 });
                 Ok(())
             }
-            Err(e) => self.r.shard_failed(spec, format!("cannot open: {e}")),
+            Err(e) => self.r.shard_failed(spec, &format!("cannot open: {e}")),
         }
     }
 
@@ -101,32 +100,16 @@ impl Feed for TarFeed<'_> {
         }
         let t = Instant::now();
         let spec = &self.r.shards[c.shard];
-        let sample = match c.samples.next() {
+        let sample = match c.samples.next_item() {
             None => {
-                let read = c.index;
                 self.current = None;
-                return match spec.samples {
-                    Some(n) if read != n => self
-                        .r
-                        .shard_failed(spec, format!("{read} samples read, the manifest says {n} (short shard)"))
-                        .map(|()| None),
-                    _ => Ok(None),
-                };
+                return Ok(None);
             }
-            Some(Err(WdsError::Tar { after_sample, message })) => {
-                ::metrics::counter!(m::ERRORS, "kind" => "tar").increment(1);
+            Some(ShardItem::Failed(reason)) => {
                 self.current = None;
-                let reason = format!("{message} after sample {after_sample}; rest of shard skipped");
-                return self.r.shard_failed(spec, reason).map(|()| None);
+                return self.r.shard_failed(spec, &reason).map(|()| None);
             }
-            Some(Ok(mut s)) => {
-                // Only the image the loader decodes and the label travel on.
-                let read: u64 = s.fields.iter().map(|(_, b)| b.len() as u64).sum();
-                s.keep_image_and_class();
-                Ok((s, read))
-            }
-            Some(Err(e @ WdsError::MemberTooLarge { .. })) => Err((TOO_LARGE, e.to_string())),
-            Some(Err(e)) => Err(("format", e.to_string())),
+            Some(ShardItem::Sample(sample)) => sample,
         };
         let (read, kept) = match &sample {
             Ok((s, read)) => (*read, s.fields.iter().map(|(_, b)| b.len() as u64).sum()),
@@ -365,23 +348,15 @@ impl Reader {
 
     /// Counts a failed shard (open error, broken tar, fewer samples than its manifest says) and
     /// stops the run once more distinct shards have failed than `max_failed_shards` allows.
-    fn shard_failed(&self, spec: &ShardSpec, reason: String) -> Result<(), Halt> {
-        let reason = crate::redact::text(&reason);
-        tracing::warn!("shard {}: {reason}", crate::redact::url(&spec.url));
+    fn shard_failed(&self, spec: &ShardSpec, reason: &str) -> Result<(), Halt> {
         self.stats.shards_failed.fetch_add(1, Ordering::Relaxed);
-        ::metrics::counter!(m::SHARDS_FAILED).increment(1);
-        let mut failed = self.failed.borrow_mut();
-        failed.insert(spec.url.clone());
-        if failed.len() as u64 > self.max_failed_shards {
-            let failed: Vec<String> = failed.iter().map(|u| crate::redact::url(u)).collect();
-            let e = LoaderError::ShardsFailed { failed, max: self.max_failed_shards, last: reason };
-            let _ = self.err_tx.send_blocking(Err(e));
-            return Err(Halt::Stop);
-        }
-        Ok(())
+        self.failures.borrow_mut().fail(spec, reason).map_err(|e| {
+            let _ = self.err_tx.send_blocking(Err(LoaderError::from(e)));
+            Halt::Stop
+        })
     }
 
-    fn open(&self, shard: usize) -> Result<Box<dyn Read + Send>, String> {
+    fn open(&self, shard: usize) -> Opened {
         open_shard(&self.shards[shard], self.http.as_ref())
     }
 }
@@ -391,15 +366,4 @@ fn pull(stream: &mut Stream<TarFeed>) -> Result<Box<Job>, Halt> {
     let mut job = stream.next()?.ok_or(Halt::NoData)?;
     job.capped = stream.buffer.byte_capped;
     Ok(job)
-}
-
-/// Opens a shard for streaming: a buffered file, or an HTTP stream with retries.
-pub(crate) fn open_shard(spec: &ShardSpec, http: Option<&HttpFetcher>) -> Result<Box<dyn Read + Send>, String> {
-    if spec.is_http() {
-        let fetcher = http.ok_or("no HTTP client")?;
-        Ok(Box::new(fetcher.open(&spec.url)))
-    } else {
-        let f = File::open(&spec.url).map_err(|e| e.to_string())?;
-        Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
-    }
 }

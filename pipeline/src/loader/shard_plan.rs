@@ -71,7 +71,7 @@ mod tests {
     use super::*;
 
     fn specs(counts: &[Option<u64>]) -> Vec<ShardSpec> {
-        counts.iter().enumerate().map(|(i, &samples)| ShardSpec { url: format!("s{i}.tar"), samples }).collect()
+        counts.iter().enumerate().map(|(i, &samples)| ShardSpec { url: format!("s{i}.tar").into(), samples }).collect()
     }
 
     #[test]

@@ -6,14 +6,14 @@ use std::time::Instant;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{Done, Job, LabelPolicy, LoaderConfig, LoaderError, LoaderStats, Outcome, Processed, TOO_LARGE, Work, mix};
+use super::{Done, Job, LoaderConfig, LoaderError, LoaderStats, Outcome, Processed, Work, mix};
 use crate::augment::{TwoViewParams, TwoViewResizer};
 use crate::bad_sample::BadSample;
 use crate::batch::Batch;
-use crate::decode::{self, DecodeError, RgbImage};
+use crate::decode::{self, DecodeError, Format, RgbImage};
 use crate::mask;
 use crate::metrics as m;
-use crate::wds::{CLASS_EXT, IMAGE_EXTS, image_format};
+use crate::read::{check_sample, decode_kind};
 
 /// Decoded-image capacity a worker keeps between samples (about 21 MP of RGB, above any
 /// ImageNet image): after an outlier the buffer is released instead of staying that large for
@@ -81,40 +81,28 @@ fn process(
     stats: &LoaderStats,
 ) -> Outcome {
     let bad = |kind: &'static str, key: &str, reason: String| {
-        Box::new(BadSample { kind, shard: job.shard_name.clone(), key: key.to_string(), reason })
+        Box::new(BadSample::new(kind, job.shard_name.clone(), key, reason))
     };
     let sample = job.sample.as_ref().map_err(|(kind, e)| bad(kind, "?", e.clone()))?;
-    let label = match (sample.class(), cfg.labels) {
-        (None, LabelPolicy::Optional) => -1,
-        (None, LabelPolicy::Required) => {
-            return Err(bad("missing_class", &sample.key, format!("no .{CLASS_EXT} member (data.labels = required)")));
-        }
-        (Some(Err(e)), _) => return Err(bad("bad_class", &sample.key, e)),
-        (Some(Ok(c)), _) => c,
-    };
-    let (ext, image) = sample
-        .image()
-        .ok_or_else(|| bad("missing_image", &sample.key, format!("no image member (.{})", IMAGE_EXTS.join(", ."))))?;
+    let checked = check_sample(sample, cfg.labels).map_err(|(kind, e)| bad(kind, &sample.key, e))?;
     let mut rng = ChaCha8Rng::seed_from_u64(mix(&[cfg.seed, job.epoch, job.shard as u64, job.index, job.pass as u64]));
     let max_pixels = usize::try_from(cfg.max_pixels).unwrap_or(usize::MAX);
-    let decode_err = |e: DecodeError| {
-        let kind = if matches!(e, DecodeError::TooLarge { .. }) { TOO_LARGE } else { "decode" };
-        bad(kind, &sample.key, e.to_string())
-    };
+    let decode_err = |e: DecodeError| bad(decode_kind(&e), &sample.key, e.to_string());
     let mut params = None;
     let t0 = Instant::now();
-    let full_height = if matches!(ext, "jpg" | "jpeg") {
+    let full_height = if checked.format == Format::Jpeg {
         // The crop box is drawn from the header's size, so decoding can stop below the box.
-        let (_, full_height) = decode::decode_jpeg_rows_capped(image, true, max_pixels, &mut ctx.img, |w, h| {
-            let p = TwoViewParams::draw(w, h, &cfg.augment, &mut rng);
-            let b = p.source_box(w);
-            params = Some(p);
-            b.top + b.height
-        })
-        .map_err(decode_err)?;
+        let (_, full_height) =
+            decode::decode_jpeg_rows_capped(checked.image, true, max_pixels, &mut ctx.img, |w, h| {
+                let p = TwoViewParams::draw(w, h, &cfg.augment, &mut rng);
+                let b = p.source_box(w);
+                params = Some(p);
+                b.top + b.height
+            })
+            .map_err(decode_err)?;
         full_height
     } else {
-        decode::decode_other_into(image, image_format(ext), max_pixels, &mut ctx.img).map_err(decode_err)?;
+        decode::decode_other_into(checked.image, checked.format, max_pixels, &mut ctx.img).map_err(decode_err)?;
         params = Some(TwoViewParams::draw(ctx.img.width, ctx.img.height, &cfg.augment, &mut rng));
         ctx.img.height
     };
@@ -134,12 +122,14 @@ fn process(
     stats.augment_ns.fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
     ::metrics::histogram!(m::DECODE_SECONDS).record(dec);
     ::metrics::histogram!(m::AUGMENT_SECONDS).record(aug);
+    let label = checked.label;
     Ok(Box::new(Processed { view, token, masked: pm.masked, visible: pm.visible, label, key: sample.key.clone() }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::read::{LabelPolicy, TOO_LARGE};
     use crate::wds::ShardSample;
 
     fn jpeg(w: u16, h: u16) -> Vec<u8> {

@@ -218,7 +218,7 @@ fn ipv6_loopback_urls_work() {
     assert!(server.addr.is_ipv6());
     let (remote, local) = remote_and_local(&server, &dir);
     assert_eq!(remote.len(), shard_names(&dir).len(), "the `::` of [::1] does not split the source");
-    assert!(remote[0].url.starts_with(&format!("http://[::1]:{}/", server.addr.port())));
+    assert!(remote[0].url.raw().starts_with(&format!("http://[::1]:{}/", server.addr.port())));
     assert_eq!(one_epoch(fast(3), remote), local_epoch(local));
 }
 
@@ -259,9 +259,9 @@ fn bench_decode_only_sample_reads_remote_shards() {
     let dir = shards(tmp.path());
     let server = serve(dir.clone(), HashMap::new());
     let (remote, local) = remote_and_local(&server, &dir);
-    let got = cae_pipeline::bench::sample_jpegs(&remote, &fast(3), 20).unwrap();
+    let got = cae_pipeline::bench::sample_images(&remote, &fast(3), 20).unwrap();
     assert_eq!(got.len(), 20);
-    assert_eq!(got, cae_pipeline::bench::sample_jpegs(&local, &fast(3), 20).unwrap());
+    assert_eq!(got, cae_pipeline::bench::sample_images(&local, &fast(3), 20).unwrap());
     let (rate, n) = cae_pipeline::bench::decode_only_rate(&got);
     assert!(n > 0 && rate > 0.0);
 }

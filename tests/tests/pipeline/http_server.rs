@@ -89,7 +89,9 @@ fn handle(mut s: TcpStream, dir: &Path, faults: &Mutex<HashMap<String, Fault>>, 
             if_range = Some(line["if-range:".len()..].trim().to_string());
         }
     }
-    let name = first.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
+    // The file name: the path without its query (presigned URLs carry their signature there).
+    let target = first.split_whitespace().nth(1).unwrap_or("/");
+    let name = target.split('?').next().unwrap_or(target).trim_start_matches('/').to_string();
     let earlier = {
         let mut log = log.lock().unwrap();
         let n = log.iter().filter(|r| r.name == name).count();

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use burn::tensor::backend::Backend;
-use cae_pipeline::http::HttpConfig;
+use cae_pipeline::LabelPolicy;
+use cae_pipeline::read::ReadConfig;
+use cae_pipeline::source::{self, ShardSet};
 use clap::Args;
 
 use super::device::{DeviceKind, OnBackend, on_device};
@@ -44,6 +46,10 @@ pub struct EncoderArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Use the samples that can be read when some cannot (a corrupt image, a failed shard) and
+    /// say "N of M" in the result, instead of failing naming them.
+    #[arg(long)]
+    pub allow_partial: bool,
 }
 
 #[derive(Args, Debug)]
@@ -89,9 +95,10 @@ pub struct EvalSets {
 }
 
 /// The encoder of `a` (a checkpoint's, or a fresh one), a description of where it came from, and
-/// the HTTP settings to read shards with: a run checkpoint's `data.http` (the retries and timeouts
-/// its run was given for those servers), else the defaults.
-type LoadedEncoder<B> = (crate::model::Encoder<B>, crate::model::CaeConfig, String, HttpConfig);
+/// how to read shards: a run checkpoint's `data` settings (`max_pixels`, `max_member_bytes`,
+/// `max_failed_shards`, `http`: what its run was given for those shards and servers), else the
+/// defaults.
+type LoadedEncoder<B> = (crate::model::Encoder<B>, crate::model::CaeConfig, String, ReadConfig);
 
 fn load_encoder<B: Backend>(a: &EncoderArgs, device: &B::Device) -> anyhow::Result<LoadedEncoder<B>> {
     let Some(path) = &a.checkpoint else {
@@ -99,24 +106,27 @@ fn load_encoder<B: Backend>(a: &EncoderArgs, device: &B::Device) -> anyhow::Resu
         config.model.validate()?;
         let enc = crate::model::init::with_seed(a.seed, || crate::model::Encoder::new(&config.model, device));
         let what = format!("random init (seed {}) of the {} preset", a.seed, a.preset);
-        return Ok((enc, config.model, what, HttpConfig::default()));
+        return Ok((enc, config.model, what, ReadConfig::default()));
     };
     let file = WeightsFile::locate(path)?;
     if a.random_init {
-        let (config, _) = crate::weights::config_of(&file)?;
+        let (config, from_run) = crate::weights::config_of(&file)?;
         let enc = crate::model::init::with_seed(config.seed, || crate::model::Encoder::new(&config.model, device));
         let what = format!("random init (seed {}) of the net of {}", config.seed, file.path().display());
-        return Ok((enc, config.model, what, config.data.http));
+        let read = if from_run { config.data.read_config() } else { ReadConfig::default() };
+        return Ok((enc, config.model, what, read));
     }
     let loaded = crate::weights::load::<B>(&file, device)?;
-    let http = if loaded.from_run { loaded.config.data.http } else { HttpConfig::default() };
-    Ok((loaded.model.encoder, loaded.config.model, loaded.what, http))
+    let read = if loaded.from_run { loaded.config.data.read_config() } else { ReadConfig::default() };
+    Ok((loaded.model.encoder, loaded.config.model, loaded.what, read))
 }
 
+/// The test transform for `model`, reading with `read` under the `labels` policy of the command.
 fn eval_config(
     a: &EncoderArgs,
     model: &crate::model::CaeConfig,
-    http: HttpConfig,
+    read: ReadConfig,
+    labels: LabelPolicy,
 ) -> anyhow::Result<cae_pipeline::eval::EvalConfig> {
     let resize = a.resize.unwrap_or_else(|| crate::features::default_resize(model.img_size));
     if resize < model.img_size {
@@ -127,49 +137,108 @@ fn eval_config(
         workers: a.workers,
         resize,
         crop: model.img_size,
-        http,
+        read: ReadConfig { labels, ..read },
     })
 }
 
+/// Features of shard sets, the encoder's config and a description of it.
 type FeatureSets = (Vec<crate::features::Features>, crate::model::CaeConfig, String);
 
-/// Features of each shard source in `sources`, on the backend of `a.device`.
-fn extract_features(a: &EncoderArgs, sources: &[&str]) -> anyhow::Result<FeatureSets> {
-    struct Extract<'a>(&'a EncoderArgs, &'a [&'a str]);
+/// What to extract: the shard sources, and what a sample needs. `Eval`: a labeled train set and
+/// a labeled val set with the same classes (k-NN, linear probe). `Features`: one set, labels
+/// optional.
+enum Extraction<'a> {
+    Eval { train: &'a str, val: &'a str },
+    Features { shards: &'a str },
+}
+
+/// Features of each shard set of `what`, on the backend of `a.device`; for an evaluation, the
+/// train and val class lists are compared first (before hours of extraction).
+fn extract_features(a: &EncoderArgs, what: Extraction<'_>) -> anyhow::Result<(FeatureSets, Vec<ShardSet>)> {
+    struct Extract<'a>(&'a EncoderArgs, Extraction<'a>);
     impl OnBackend for Extract<'_> {
-        type Output = FeatureSets;
-        fn run<B: Backend>(self, device: &B::Device) -> anyhow::Result<FeatureSets> {
-            let Extract(a, sources) = self;
-            let (enc, model, what, http) = load_encoder::<B>(a, device)?;
-            let cfg = eval_config(a, &model, http)?;
-            println!("encoder: {what}; images: shorter side {}, centre crop {}", cfg.resize, cfg.crop);
+        type Output = (FeatureSets, Vec<ShardSet>);
+        fn run<B: Backend>(self, device: &B::Device) -> anyhow::Result<Self::Output> {
+            let Extract(a, what) = self;
+            let (enc, model, described, read) = load_encoder::<B>(a, device)?;
+            let (sources, labels) = match what {
+                Extraction::Eval { train, val } => (vec![train, val], LabelPolicy::Required),
+                Extraction::Features { shards } => (vec![shards], LabelPolicy::Optional),
+            };
+            let mut sets = Vec::new();
+            for s in &sources {
+                let shown = source::redacted(s);
+                sets.push(source::expand_set(s, &read.http).with_context(|| format!("--shards {shown}"))?);
+            }
+            if let [train, val] = &sets[..] {
+                check_classes(train, val, &source::redacted(sources[0]), &source::redacted(sources[1]))?;
+            }
+            let eval = eval_config(a, &model, read, labels)?;
+            println!("encoder: {described}; images: shorter side {}, centre crop {}", eval.resize, eval.crop);
             let mut out = Vec::new();
-            for s in sources {
-                let f = crate::features::extract(&enc, s, cfg.clone(), device, !a.no_progress)
-                    .with_context(|| format!("features of {}", cae_pipeline::redact::source(s)))?;
-                let bad =
-                    if f.bad_samples > 0 { format!(", {} bad samples skipped", f.bad_samples) } else { String::new() };
-                println!("{}: {} images{bad}", cae_pipeline::redact::source(s), f.len());
+            for (s, set) in sources.iter().zip(&sets) {
+                let shown = source::redacted(s);
+                let cfg = crate::features::ExtractConfig {
+                    eval: eval.clone(),
+                    shown: shown.clone(),
+                    allow_partial: a.allow_partial,
+                    progress: !a.no_progress,
+                };
+                let f = crate::features::extract(&enc, set.shards.clone(), &cfg, device)
+                    .with_context(|| format!("features of {shown}"))?;
+                let n = if f.read.complete() { format!("{} images", f.len()) } else { f.read.describe() };
+                println!("{shown}: {n}");
                 out.push(f);
             }
-            Ok((out, model, what))
+            Ok(((out, model, described), sets))
         }
     }
-    on_device(DeviceKind::from_flag(&a.device)?, Extract(a, sources))
+    on_device(DeviceKind::from_flag(&a.device)?, Extract(a, what))
+}
+
+/// Refuses train and val shards whose manifests list different classes: their labels would be
+/// compared index by index, each meaning another class (a config error, exit status 2). Sets
+/// without manifests cannot be compared: a warning says so.
+fn check_classes(train: &ShardSet, val: &ShardSet, train_shown: &str, val_shown: &str) -> Result<(), crate::CaeError> {
+    let (Some(t), Some(v)) = (&train.classes, &val.classes) else {
+        tracing::warn!(
+            "the class lists of the train and val shards cannot be compared (a source without manifest.json): \
+             their labels are taken to mean the same classes"
+        );
+        return Ok(());
+    };
+    match cae_pipeline::manifest::first_class_difference(t, v) {
+        None => Ok(()),
+        Some(d) => Err(crate::CaeError::Config(format!(
+            "the train shards ({train_shown}) and the val shards ({val_shown}) list different classes ({} and {}): \
+             {}, so every label after it would be scored against another class. Build both with the same class \
+             list (`sharder build --classes <train shards>/classes.txt`)",
+            t.len(),
+            v.len(),
+            d.describe("the train shards", "the val shards")
+        ))),
+    }
 }
 
 pub(super) fn features_command(a: &FeaturesArgs) -> anyhow::Result<()> {
     super::init_tracing();
     crate::run_dir::check_file_writable(&a.out)?;
-    let (mut feats, model, what) = extract_features(&a.encoder, &[&a.shards])?;
+    let ((mut feats, model, what), sets) = extract_features(&a.encoder, Extraction::Features { shards: &a.shards })?;
     let f = feats.pop().context("no features")?;
-    let meta = [
+    let mut meta = vec![
         ("encoder", what),
-        ("shards", cae_pipeline::redact::source(&a.shards)),
+        ("shards", source::redacted(&a.shards)),
         ("dim", model.embed_dim.to_string()),
         ("features", "cls and mean of the patch tokens, after the encoder's final LayerNorm".to_string()),
         ("keys", "uint8 rows: UTF-8 sample keys, zero-padded".to_string()),
+        ("read", serde_json::to_string(&f.read)?),
     ];
+    // The class list the labels index (from the manifests): two feature files can then be checked
+    // against each other. Pre-training uses no labels, so the checkpoint's training classes say
+    // nothing about these labels and are not compared.
+    if let Some(classes) = sets.first().and_then(|s| s.classes.as_ref()) {
+        meta.push(("classes", serde_json::to_string(classes)?));
+    }
     f.save(&a.out, &meta).with_context(|| format!("writing {}", a.out.display()))?;
     println!("wrote {} x {} features (cls, mean), labels and keys -> {}", f.len(), f.dim, a.out.display());
     Ok(())
@@ -261,7 +330,8 @@ pub(super) fn linear_command(a: &LinearArgs) -> anyhow::Result<()> {
         super::usage!("--feature {:?}: expected cls or mean", a.feature);
     }
     let (train_shards, val_shards) = eval_sources(&a.sets)?;
-    let (feats, _model, what) = extract_features(&a.encoder, &[&train_shards, &val_shards])?;
+    let what = Extraction::Eval { train: &train_shards, val: &val_shards };
+    let ((feats, _model, what), _) = extract_features(&a.encoder, what)?;
     let (train, val) = (&feats[0], &feats[1]);
     let (t, v) = if a.feature == "cls" { (&train.cls, &val.cls) } else { (&train.mean, &val.mean) };
     let job = Probe {
@@ -276,6 +346,7 @@ pub(super) fn linear_command(a: &LinearArgs) -> anyhow::Result<()> {
         let mut j = serde_json::to_value(&r)?;
         j["feature"] = a.feature.clone().into();
         j["encoder"] = what.into();
+        j["scored"] = scored(train, val)?;
         println!("{j}");
     } else {
         println!(
@@ -298,7 +369,8 @@ pub(super) fn linear_command(a: &LinearArgs) -> anyhow::Result<()> {
 pub(super) fn knn_command(a: &KnnArgs) -> anyhow::Result<()> {
     super::init_tracing();
     let (train_shards, val_shards) = eval_sources(&a.sets)?;
-    let (feats, _model, what) = extract_features(&a.encoder, &[&train_shards, &val_shards])?;
+    let what = Extraction::Eval { train: &train_shards, val: &val_shards };
+    let ((feats, _model, what), _) = extract_features(&a.encoder, what)?;
     let (train, val) = (&feats[0], &feats[1]);
     let mut results = serde_json::Map::new();
     for (name, t, v) in [("cls", &train.cls, &val.cls), ("mean", &train.mean, &val.mean)] {
@@ -326,7 +398,14 @@ pub(super) fn knn_command(a: &KnnArgs) -> anyhow::Result<()> {
     }
     if a.sets.json {
         results.insert("encoder".into(), what.into());
+        results.insert("scored".into(), scored(train, val)?);
         println!("{}", serde_json::Value::Object(results));
     }
     Ok(())
+}
+
+/// The result's `scored` object: what was read of each set ("N of M", bad samples, failed
+/// shards); anything short of every sample needed `--allow-partial`.
+fn scored(train: &crate::features::Features, val: &crate::features::Features) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::json!({ "train": serde_json::to_value(&train.read)?, "val": serde_json::to_value(&val.read)? }))
 }

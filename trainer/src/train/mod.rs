@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use cae_pipeline::{Loader, LoaderState, redact};
+use cae_pipeline::{Loader, LoaderState};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::CaeError;
@@ -123,7 +123,7 @@ impl<B: AutodiffBackend> Saver<'_, B> {
             loss,
             // Absolute local paths (a resume from another directory finds them); credentials
             // never reach a checkpoint (a resume then needs --shards again).
-            shards: Some(redact::source(&absolute_source(self.shards))),
+            shards: Some(cae_pipeline::source::redacted(&absolute_source(self.shards))),
             loss_scaler: scaler.enabled.then_some(*scaler),
             parent: self.parent.clone(),
             sections: Vec::new(),
@@ -177,7 +177,7 @@ pub fn run<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<RunSummary, CaeError> {
     let shards = cae_pipeline::source::expand_with(&opts.shards, &config.data.http)
-        .map_err(|e| CaeError::Data(format!("{}: {e}", redact::source(&opts.shards))))?;
+        .map_err(|e| CaeError::Data(format!("{}: {e}", cae_pipeline::source::redacted(&opts.shards))))?;
     run_from::<B>(config, opts, device, move |state| {
         let loader = Loader::new(config.data.clone(), shards, state).map_err(|e| CaeError::Data(e.to_string()))?;
         Ok(Box::new(loader) as Box<dyn BatchSource>)
