@@ -242,11 +242,11 @@ fn plan_shards(a: &RunArgs, saved: Option<String>, resumed: bool, config: &RunCo
         (None, None) if resumed => super::usage!("--resume: the checkpoint does not name its shards; pass --shards"),
         _ => return Ok(ShardPlan::Builtin(BuiltinData::under(&a.data_dir))),
     };
-    let shown = cae_pipeline::redact::source(&source);
+    let shown = cae_pipeline::source::redacted(&source);
     let specs = cae_pipeline::source::expand_with(&source, &config.data.http)
         .map_err(|e| CaeError::Usage(format!("--shards {shown}: {e}")))?;
     let missing: Vec<&str> =
-        specs.iter().filter(|s| !s.is_http() && !Path::new(&s.url).is_file()).map(|s| s.url.as_str()).collect();
+        specs.iter().filter(|s| !s.is_http() && !Path::new(s.url.raw()).is_file()).map(|s| s.url.shown()).collect();
     if let Some(first) = missing.first() {
         super::usage!(
             "--shards {shown}: {} of {} listed shard(s) do not exist (first: {first}); pass a shard directory with \
