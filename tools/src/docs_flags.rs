@@ -11,8 +11,8 @@
 //!   continues on the next; an indented line starting with `[` or `-` continues the previous
 //!   line (help-style synopses). `&&`, `||` and `;` separate commands.
 //! - A command starts at a word naming a binary ([`BINARIES`]), alone or as the last part of a
-//!   path (`target/release/trainer`, `"$bin/sharder"`). A line starting with `cargo` is cargo's:
-//!   only `cargo ... --bin NAME ... -- ARGS` is checked, as `NAME ARGS`.
+//!   path (`target/release/trainer`, `"$bin/sharder"`). A command starting with `cargo` is
+//!   cargo's: only `cargo ... --bin NAME ... -- ARGS` is checked, as `NAME ARGS`.
 //! - The words after the binary that are lower-case names (`[run]`'s brackets stripped) are its
 //!   subcommand path while the command reached so far has subcommands: each must be one of them.
 //!   Then every word starting with `--` and a letter (brackets and values stripped:
@@ -105,21 +105,16 @@ fn binary_of(word: &str) -> Option<&'static str> {
 /// The commands of one logical line (a code-block line or an inline span).
 fn commands_in(line: usize, text: &str) -> Vec<Mention> {
     let words: Vec<&str> = text.split_whitespace().collect();
-    if words.first() == Some(&"cargo") {
-        let bin = words.windows(2).find(|w| w[0] == "--bin").and_then(|w| binary_of(w[1]));
-        let dashes = words.iter().position(|w| *w == "--");
-        return match (bin, dashes) {
-            (Some(b), Some(i)) => vec![mention(line, b, &words[i + 1..])],
-            _ => Vec::new(),
-        };
-    }
-    words
-        .split(|w| matches!(*w, "&&" | "||" | ";"))
-        .filter_map(|seg| {
-            let i = seg.iter().position(|w| binary_of(w).is_some())?;
-            Some(mention(line, binary_of(seg[i])?, &seg[i + 1..]))
-        })
-        .collect()
+    let command = |seg: &[&str]| -> Option<Mention> {
+        if seg.first() == Some(&"cargo") {
+            let bin = seg.windows(2).find(|w| w[0] == "--bin").and_then(|w| binary_of(w[1]))?;
+            let dashes = seg.iter().position(|w| *w == "--")?;
+            return Some(mention(line, bin, &seg[dashes + 1..]));
+        }
+        let i = seg.iter().position(|w| binary_of(w).is_some())?;
+        Some(mention(line, binary_of(seg[i])?, &seg[i + 1..]))
+    };
+    words.split(|w| matches!(*w, "&&" | "||" | ";")).filter_map(command).collect()
 }
 
 fn mention(line: usize, binary: &str, args: &[&str]) -> Mention {

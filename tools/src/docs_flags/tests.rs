@@ -59,7 +59,7 @@ fn true_docs_pass() {
     let doc = "# Guide\n\nRun `trainer run --config x.toml` or `trainer [run] [--resume [CKPT]]`;\n\
                `cargo run --release --bin trainer -- eval knn --k 5`, `cargo test --workspace`.\n\n\
                ```sh\n# a comment naming trainer run --nothing\ntarget/release/trainer run --config c.toml \\\n    \
-               --set a=1  # --nothing here either\ntrainer eval knn --json && \"$bin/trainer\" --help\n```\n\n\
+               --set a=1  # --nothing here either\ntrainer eval knn --json && \"$bin/trainer\" --help\ncargo build -p x && trainer run --set b=2\n```\n\n\
                ```text\ntrainer run --not-checked-in-a-text-block\n```\n";
     assert_eq!(problems(doc), Vec::<(usize, String)>::new());
     let found = mentions(doc);
@@ -73,9 +73,10 @@ fn true_docs_pass() {
             "trainer run --config c.toml --set a=1",
             "trainer eval knn --json",
             "trainer --help",
+            "trainer run --set b=2",
         ]
     );
-    assert_eq!(found.iter().map(|m| m.line).collect::<Vec<_>>(), [3, 3, 4, 8, 10, 10]);
+    assert_eq!(found.iter().map(|m| m.line).collect::<Vec<_>>(), [3, 3, 4, 8, 10, 10, 11]);
 }
 
 #[test]
