@@ -285,7 +285,9 @@ pub fn mentions(markdown: &str) -> Vec<Mention> {
 }
 
 /// Checks the mentions of `binary` against the help texts `help(subcommand path)` returns
-/// (memoised); returns `(index into mentions, problem)` for each wrong subcommand or flag.
+/// (memoised); returns `(index into mentions, problem)` for each wrong subcommand or flag. A
+/// mention with a wrong subcommand is not checked further (its flags would be judged against
+/// the wrong command).
 pub fn check(
     mentions: &[Mention],
     binary: &str,
@@ -298,37 +300,42 @@ pub fn check(
     let mut problems = Vec::new();
     for (i, m) in mentions.iter().enumerate().filter(|(_, m)| m.binary == binary) {
         let fail = |what: String| (i, format!("`{}`: {what}", m.text()));
-        let mut path: Vec<String> = Vec::new();
-        let mut node = match get(&path) {
-            Ok(h) => h,
-            Err(e) => return vec![fail(format!("`{binary} --help` failed: {e}"))],
-        };
-        let mut rest = m.args.as_slice();
-        while let (Some(word), false) = (rest.first(), node.subcommands.is_empty()) {
-            let Some(name) = name_of(word) else { break };
-            if !node.subcommands.contains(name) {
-                let known: Vec<&str> = node.subcommands.iter().map(String::as_str).collect();
-                problems.push(fail(format!("no subcommand `{name}` (there are: {})", known.join(", "))));
-                break;
-            }
-            path.push(name.to_string());
-            rest = &rest[1..];
-            node = match get(&path) {
-                Ok(h) => h,
-                Err(e) => {
-                    problems.push(fail(format!("`{binary} {} --help` failed: {e}", path.join(" "))));
-                    break;
+        match resolve(binary, &m.args, &mut get) {
+            Ok((command, node, rest)) => {
+                for flag in rest.iter().filter_map(|w| flag_of(w)) {
+                    if !node.flags.contains(&flag) {
+                        problems.push(fail(format!("`{command} --help` has no {flag}")));
+                    }
                 }
-            };
-        }
-        let command = std::iter::once(binary.to_string()).chain(path.iter().cloned()).collect::<Vec<_>>().join(" ");
-        for flag in rest.iter().filter_map(|w| flag_of(w)) {
-            if !node.flags.contains(&flag) {
-                problems.push(fail(format!("`{command} --help` has no {flag}")));
             }
+            Err(e) => problems.push(fail(e)),
         }
     }
     problems
+}
+
+/// Walks the subcommand words at the start of `args`: the command reached (`binary sub...`), its
+/// help, and the words after it.
+fn resolve<'a>(
+    binary: &str,
+    args: &'a [String],
+    get: &mut impl FnMut(&[String]) -> Result<Help, String>,
+) -> Result<(String, Help, &'a [String]), String> {
+    let mut path: Vec<String> = Vec::new();
+    let command = |path: &[String]| format!("{binary} {}", path.join(" ")).trim_end().to_string();
+    let mut node = get(&path).map_err(|e| format!("`{binary} --help` failed: {e}"))?;
+    let mut rest = args;
+    while let (Some(word), false) = (rest.first(), node.subcommands.is_empty()) {
+        let Some(name) = name_of(word) else { break };
+        if !node.subcommands.contains(name) {
+            let known: Vec<&str> = node.subcommands.iter().map(String::as_str).collect();
+            return Err(format!("no subcommand `{name}` (there are: {})", known.join(", ")));
+        }
+        path.push(name.to_string());
+        rest = &rest[1..];
+        node = get(&path).map_err(|e| format!("`{} --help` failed: {e}", command(&path)))?;
+    }
+    Ok((command(&path), node, rest))
 }
 
 /// `README.md` and every `.md` file under `docs/` of the repository at `root`, sorted.

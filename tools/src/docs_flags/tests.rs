@@ -81,7 +81,7 @@ fn true_docs_pass() {
 
 #[test]
 fn a_wrong_flag_or_subcommand_is_reported_with_its_line() {
-    let doc = "intro\n\n```\ntrainer run --config c \\\n  --bogus\ntrainer evl knn\n```\n\nSee `trainer eval knn \
+    let doc = "intro\n\n```\ntrainer run --config c \\\n  --bogus\ntrainer evl knn --k 1\n```\n\nSee `trainer eval knn \
                --k 3\n--temperature 0.1` and `sharder build --anything` (not trainer's).\n";
     let p = problems(doc);
     assert_eq!(p.len(), 3, "{p:?}");
