@@ -233,40 +233,60 @@ fn is_heading(line: &str) -> bool {
     (1..=6).contains(&hashes) && line[hashes..].starts_with(' ')
 }
 
+/// An open fenced code block: its fence (three or more backticks or tildes), whether it holds
+/// shell commands, and its lines so far.
+struct Fence<'a> {
+    marker: &'a str,
+    shell: bool,
+    body: Vec<(usize, &'a str)>,
+}
+
+impl<'a> Fence<'a> {
+    /// The block a line (leading blanks trimmed) opens, if it opens one.
+    fn open(trimmed: &'a str) -> Option<Self> {
+        let ch = ['`', '~'].into_iter().find(|c| trimmed.starts_with(*c))?;
+        let len = trimmed.chars().take_while(|c| *c == ch).count();
+        let shell = is_shell_fence(&trimmed[len..]);
+        (len >= 3).then(|| Fence { marker: &trimmed[..len], shell, body: Vec::new() })
+    }
+
+    /// The commands of the closed block.
+    fn mentions(&self) -> Vec<Mention> {
+        if !self.shell {
+            return Vec::new();
+        }
+        shell_lines(&self.body).iter().flat_map(|(l, text)| commands_in(*l, text)).collect()
+    }
+}
+
+/// The mentions of a paragraph's code spans; empties the paragraph.
+fn flush(para: &mut Vec<(usize, &str)>, ctx: &Context, out: &mut Vec<Mention>) {
+    if let Some(&(first, _)) = para.first() {
+        let text = para.iter().map(|(_, l)| *l).collect::<Vec<_>>().join("\n");
+        span_mentions(&code_spans(&text, first), ctx.command(), out);
+    }
+    para.clear();
+}
+
 /// Every command mention of a Markdown document (see the module rules).
 pub fn mentions(markdown: &str) -> Vec<Mention> {
     let mut out = Vec::new();
     let mut ctx = Context::default();
     let mut para: Vec<(usize, &str)> = Vec::new();
-    let mut fence: Option<(&str, bool, Vec<(usize, &str)>)> = None;
-    let flush = |para: &mut Vec<(usize, &str)>, ctx: &Context, out: &mut Vec<Mention>| {
-        if let Some(&(first, _)) = para.first() {
-            let text = para.iter().map(|(_, l)| *l).collect::<Vec<_>>().join("\n");
-            span_mentions(&code_spans(&text, first), ctx.command(), out);
-        }
-        para.clear();
-    };
+    let mut fence: Option<Fence> = None;
     for (i, line) in markdown.lines().enumerate() {
         let n = i + 1;
         let trimmed = line.trim_start();
-        if let Some((marker, shell, body)) = &mut fence {
-            if trimmed.starts_with(*marker) && trimmed.trim_end() == *marker {
-                if *shell {
-                    for (l, text) in shell_lines(body) {
-                        out.extend(commands_in(l, &text));
-                    }
-                }
+        if let Some(f) = &mut fence {
+            if trimmed.trim_end() == f.marker {
+                out.extend(f.mentions());
                 fence = None;
             } else {
-                body.push((n, line));
+                f.body.push((n, line));
             }
-            continue;
-        }
-        if let Some(marker) = ["```", "~~~"].into_iter().find(|m| trimmed.starts_with(m)) {
+        } else if let Some(f) = Fence::open(trimmed) {
             flush(&mut para, &ctx, &mut out);
-            let len = trimmed.chars().take_while(|c| Some(*c) == marker.chars().next()).count();
-            let info = &trimmed[len..];
-            fence = Some((&trimmed[..len], is_shell_fence(info), Vec::new()));
+            fence = Some(f);
         } else if is_heading(line) {
             flush(&mut para, &ctx, &mut out);
             let level = line.chars().take_while(|c| *c == '#').count();
