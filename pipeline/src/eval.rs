@@ -121,7 +121,7 @@ impl EvalStats {
 
 struct Job {
     shard: Arc<str>,
-    sample: Result<crate::wds::ShardSample, (&'static str, String)>,
+    sample: Result<crate::wds::ShardSample, crate::read::BrokenSample>,
 }
 
 struct Good {
@@ -174,7 +174,7 @@ impl EvalReader {
             move || (RgbImage::default(), CenterCropper::new(resize, crop), read.clone()),
             |(img, cropper, read), job: &Job| process(job, read, img, cropper),
             |job, what| {
-                let key = job.sample.as_ref().map_or("?", |s| s.key.as_str()).to_string();
+                let key = job.sample.as_ref().map_or_else(|b| b.key.clone(), |s| s.key.clone());
                 Err(BadSample::panicked(job.shard.clone(), key, &what))
             },
             &mut handles,
@@ -262,7 +262,7 @@ impl ReadPass<'_> {
 
 fn process(job: &Job, read: &ReadConfig, img: &mut RgbImage, cropper: &mut CenterCropper) -> Outcome {
     let bad = |kind: &'static str, key: &str, reason: String| BadSample::new(kind, job.shard.clone(), key, reason);
-    let sample = job.sample.as_ref().map_err(|(kind, e)| bad(kind, "?", e.clone()))?;
+    let sample = job.sample.as_ref().map_err(|b| b.bad_sample(job.shard.clone()))?;
     let checked = check_sample(sample, read.labels).map_err(|(kind, e)| bad(kind, &sample.key, e))?;
     // Upright by its EXIF orientation, as the loader sees it.
     decode_whole(checked.image, checked.format, read.max_pixels(), img)

@@ -8,6 +8,11 @@
 //!                                                                   `prefetch` batches)
 //! ```
 //!
+//! The reading itself — opening a shard (file or HTTP), the member cap, the sample policy
+//! (labels, image member by content, pixel cap) and the failed-shard policy — is
+//! [`crate::read`]'s, shared with the eval reader; [`LoaderConfig::read_config`] gives its
+//! settings. The loader adds the order (epochs, ranks, shuffle buffer, resume) and the two views.
+//!
 //! Determinism: the reader's output order depends only on (seed, epoch, rank) — shard order and
 //! the shuffle buffer use seeded RNGs — and every random choice of a sample (flip, crop box,
 //! mask) comes from an RNG seeded with (seed, epoch, shard, index in shard, pass). Workers may
@@ -53,7 +58,7 @@ use crate::http::HttpConfig;
 use crate::mask::MaskConfig;
 use crate::metrics as m;
 use crate::ordered_map::{self, MapConfig, MapCounters};
-use crate::read::{ReadConfig, ShardFailures, TooManyFailed};
+use crate::read::{BrokenSample, ReadConfig, ShardFailures, TooManyFailed};
 use crate::source::ShardSpec;
 use crate::wds::ShardSample;
 use assemble::{Assembler, Progress};
@@ -227,8 +232,8 @@ struct Job {
     index: u64,
     pass: u32,
     shard_name: Arc<str>,
-    /// The sample, or the error kind (`format`, `too_large`) and message of a broken one.
-    sample: Result<ShardSample, (&'static str, String)>,
+    /// The sample, or a broken one (kind `format`, `too_large`).
+    sample: Result<ShardSample, BrokenSample>,
     /// The shuffle buffer's byte cap had shaped the epoch's order when this sample left it.
     capped: bool,
 }
@@ -370,7 +375,7 @@ impl Loader {
                 |(ctx, cfg, recycle, stats), work: &Work| worker::work(cfg, work, ctx, recycle, stats),
                 |work, what| match work {
                     Work::Sample(job) => {
-                        let key = job.sample.as_ref().map_or_else(|_| "?".to_string(), |s| s.key.clone());
+                        let key = job.sample.as_ref().map_or_else(|b| b.key.clone(), |s| s.key.clone());
                         let bad = BadSample::panicked(job.shard_name.clone(), key, &what);
                         Done::Sample { epoch: job.epoch, capped: job.capped, result: Err(Box::new(bad)) }
                     }

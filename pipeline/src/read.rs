@@ -25,6 +25,7 @@ use std::io::{BufReader, Read};
 
 use serde::{Deserialize, Serialize};
 
+use crate::bad_sample::BadSample;
 use crate::decode::{self, DecodeError, Format, RgbImage};
 use crate::http::{HttpConfig, HttpFetcher};
 use crate::metrics as m;
@@ -127,8 +128,35 @@ pub fn open_shard(spec: &ShardSpec, http: Option<&HttpFetcher>) -> Result<ShardR
 }
 
 /// A sample as read: (the sample with only its image and `.cls` members, bytes of all its
-/// members), or a broken one as (bad-sample kind, message).
-pub type ReadSample = Result<(ShardSample, u64), (&'static str, String)>;
+/// members), or a broken one.
+pub type ReadSample = Result<(ShardSample, u64), BrokenSample>;
+
+/// A sample the tar layer could not give whole (a member over the cap, a duplicate extension, a
+/// member without extension): a bad sample of `kind`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokenSample {
+    pub kind: &'static str,
+    /// The sample's key (a member name when it has no key), `?` when unknown.
+    pub key: String,
+    pub message: String,
+}
+
+impl BrokenSample {
+    fn of(e: WdsError) -> Self {
+        let kind = if matches!(e, WdsError::MemberTooLarge { .. }) { TOO_LARGE } else { "format" };
+        let key = match &e {
+            WdsError::MemberTooLarge { key, .. } | WdsError::DuplicateExtension { key, .. } => key.clone(),
+            WdsError::NoExtension { name } => name.clone(),
+            _ => "?".into(),
+        };
+        Self { kind, key, message: e.to_string() }
+    }
+
+    /// The bad sample it is, in `shard`.
+    pub fn bad_sample(&self, shard: std::sync::Arc<str>) -> BadSample {
+        BadSample::new(self.kind, shard, &self.key, self.message.clone())
+    }
+}
 
 /// What reading a shard gives next.
 pub enum ShardItem {
@@ -183,8 +211,7 @@ impl ShardSamples {
                 s.keep_image_and_class();
                 Ok((s, read))
             }
-            Some(Err(e @ WdsError::MemberTooLarge { .. })) => Err((TOO_LARGE, e.to_string())),
-            Some(Err(e)) => Err(("format", e.to_string())),
+            Some(Err(e)) => Err(BrokenSample::of(e)),
         };
         Some(ShardItem::Sample(item))
     }
@@ -311,7 +338,7 @@ mod tests {
         assert_eq!(e.failed, ["/d/a.tar", "http://h/b.tar?sig=***"]);
         assert_eq!((e.max, e.last.contains("SECRET")), (1, false));
         let cfg = ReadConfig::default();
-        assert_eq!(cfg.max_failed_for(&[a.clone()]), 0);
+        assert_eq!(cfg.max_failed_for(std::slice::from_ref(&a)), 0);
         let remote: Vec<ShardSpec> = (0..300).map(|i| ShardSpec::new(format!("http://h/{i}.tar"), None)).collect();
         assert_eq!(cfg.max_failed_for(&remote), 3);
         assert_eq!(ReadConfig { max_failed_shards: Some(7), ..cfg }.max_failed_for(&remote), 7);

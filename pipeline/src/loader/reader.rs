@@ -23,7 +23,7 @@ use crate::batch::Batch;
 use crate::http::HttpFetcher;
 use crate::metrics as m;
 use crate::ordered_map::Submitter;
-use crate::read::{ReadConfig, ShardFailures, ShardItem, ShardReader, ShardSamples, open_shard};
+use crate::read::{BrokenSample, ReadConfig, ShardFailures, ShardItem, ShardReader, ShardSamples, open_shard};
 use crate::source::ShardSpec;
 
 pub(super) struct Reader {
@@ -338,7 +338,11 @@ impl Reader {
                     index: p.1,
                     pass,
                     shard_name: self.shards[shard].name().into(),
-                    sample: Err(("format", format!("sample {} is missing on resume (short shard)", p.1))),
+                    sample: Err(BrokenSample {
+                        kind: "format",
+                        key: "?".into(),
+                        message: format!("sample {} is missing on resume (short shard)", p.1),
+                    }),
                     capped: false,
                 };
                 (Box::new(job), 0)

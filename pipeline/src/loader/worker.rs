@@ -83,7 +83,7 @@ fn process(
     let bad = |kind: &'static str, key: &str, reason: String| {
         Box::new(BadSample::new(kind, job.shard_name.clone(), key, reason))
     };
-    let sample = job.sample.as_ref().map_err(|(kind, e)| bad(kind, "?", e.clone()))?;
+    let sample = job.sample.as_ref().map_err(|b| Box::new(b.bad_sample(job.shard_name.clone())))?;
     let checked = check_sample(sample, cfg.labels).map_err(|(kind, e)| bad(kind, &sample.key, e))?;
     let mut rng = ChaCha8Rng::seed_from_u64(mix(&[cfg.seed, job.epoch, job.shard as u64, job.index, job.pass as u64]));
     let max_pixels = usize::try_from(cfg.max_pixels).unwrap_or(usize::MAX);

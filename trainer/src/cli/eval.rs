@@ -168,7 +168,7 @@ fn extract_features(a: &EncoderArgs, what: Extraction<'_>) -> anyhow::Result<(Fe
             let mut sets = Vec::new();
             for s in &sources {
                 let shown = source::redacted(s);
-                sets.push(source::expand_set(s, &read.http).with_context(|| format!("--shards {shown}"))?);
+                sets.push(source::expand_set(s, &read.http).with_context(|| format!("shard source {shown}"))?);
             }
             if let [train, val] = &sets[..] {
                 check_classes(train, val, &source::redacted(sources[0]), &source::redacted(sources[1]))?;
