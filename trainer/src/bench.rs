@@ -68,14 +68,8 @@ fn timed_run<B: AutodiffBackend>(
     config.schedule.total_steps = Some((warmup + steps) as u64);
     config.checkpoint.every = 0;
     config.log_every = u64::MAX; // values read once, at the end: as a long run between log steps
-    let opts = RunOptions {
-        run_dir: scratch.to_path_buf(),
-        shards: shards.to_string(),
-        resume: None,
-        stop: Default::default(),
-        progress: false,
-        init_from: None,
-    };
+    let opts =
+        RunOptions { run_dir: scratch.to_path_buf(), shards: shards.to_string(), quiet: true, ..RunOptions::default() };
     let result = match source {
         Some(source) => train::run_from::<B>(&config, &opts, device, |_| Ok(source)),
         None => train::run::<B>(&config, &opts, device),
@@ -127,6 +121,7 @@ mod tests {
             data_wait_seconds: wait,
             images_per_second: images / step_seconds,
             host_syncs: syncs,
+            allreduce_seconds: None,
         }
     }
 

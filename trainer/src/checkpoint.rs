@@ -46,8 +46,16 @@ const EXT: &str = "ckpt";
 pub struct CheckpointHeader {
     /// Completed optimizer steps.
     pub step: u64,
-    /// Where the data pipeline resumes (right after the last batch used by step `step`).
+    /// Where the data pipeline resumes (right after the last batch used by step `step`); rank
+    /// 0's in a data-parallel run.
     pub loader: LoaderState,
+    /// Processes of the data-parallel group that wrote it (1: a single process). A resume
+    /// needs the same number.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub world_size: usize,
+    /// Data parallel: every rank's loader state, in rank order (each rank resumes its stream).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_loaders: Vec<LoaderState>,
     /// The resolved run config, TOML.
     pub config: String,
     /// Loss of the last step, for listings.
@@ -67,6 +75,21 @@ pub struct CheckpointHeader {
     /// CRC-32 (IEEE) of every section, in file order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub section_crc32: Vec<u32>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+impl CheckpointHeader {
+    /// Where rank `rank`'s data stream resumes.
+    pub fn loader_for(&self, rank: usize) -> LoaderState {
+        self.rank_loaders.get(rank).copied().unwrap_or(self.loader)
+    }
 }
 
 /// A checkpoint read back: the header and its raw sections.
@@ -90,15 +113,24 @@ pub fn encode_record<B: Backend, R: Record<B>>(record: R) -> Result<Vec<u8>, Cae
         .map_err(|e| CaeError::Checkpoint { path: PathBuf::new(), reason: format!("encoding a record: {e}") })
 }
 
+/// Decodes a record encoded by [`encode_record`]; `what` names it in errors.
+pub fn decode_record<B: Backend, R: Record<B>>(
+    bytes: Vec<u8>,
+    what: &str,
+    path: &Path,
+    device: &B::Device,
+) -> Result<R, CaeError> {
+    let bad = |reason: String| CaeError::Checkpoint { path: path.to_path_buf(), reason };
+    // burn's decoder panics on some malformed input (e.g. a bad parameter id): an error.
+    cae_pipeline::guard::catch_panic(|| <Rec as Recorder<B>>::load(&Rec::default(), bytes, device))
+        .map_err(|e| bad(format!("{what} does not decode: {e}")))?
+        .map_err(|e| bad(format!("{what} does not fit this model: {e}")))
+}
+
 impl Checkpoint {
     /// Decodes section `name` as a burn record.
     pub fn record<B: Backend, R: Record<B>>(&self, name: &str, device: &B::Device) -> Result<R, CaeError> {
-        let bytes = self.section(name)?.to_vec();
-        let bad = |reason: String| CaeError::Checkpoint { path: self.path.clone(), reason };
-        // burn's decoder panics on some malformed input (e.g. a bad parameter id): an error.
-        cae_pipeline::guard::catch_panic(|| <Rec as Recorder<B>>::load(&Rec::default(), bytes, device))
-            .map_err(|what| bad(format!("section {name:?} does not decode: {what}")))?
-            .map_err(|e| bad(format!("section {name:?} does not fit this model: {e}")))
+        decode_record(self.section(name)?.to_vec(), &format!("section {name:?}"), &self.path, device)
     }
 
     /// Whether section `name` is present.
@@ -394,6 +426,8 @@ mod tests {
         CheckpointHeader {
             step,
             loader: LoaderState { epoch: 1, batch: 2, consumed: 70, ..LoaderState::default() },
+            world_size: 1,
+            rank_loaders: Vec::new(),
             config: "preset = \"micro\"".into(),
             loss: Some(1.5),
             shards: Some("data/shards".into()),
@@ -402,6 +436,21 @@ mod tests {
             sections: Vec::new(),
             section_crc32: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_group_checkpoint_keeps_every_rank_stream_and_old_ones_are_one_process() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut h = header(5);
+        let ranks = [LoaderState { batch: 3, ..h.loader }, LoaderState { batch: 4, consumed: 9, ..h.loader }];
+        (h.world_size, h.rank_loaders) = (2, ranks.to_vec());
+        let back = Checkpoint::read_header(&write(tmp.path(), &h, &[("a", vec![1])], 1).unwrap()).unwrap();
+        assert_eq!((back.world_size, back.loader_for(1)), (2, ranks[1]));
+        // A header without the keys (every checkpoint before data parallel): one process.
+        let mut json = serde_json::to_value(header(6)).unwrap();
+        json.as_object_mut().unwrap().retain(|k, _| k != "world_size" && k != "rank_loaders");
+        let old: CheckpointHeader = serde_json::from_value(json).unwrap();
+        assert_eq!((old.world_size, old.loader_for(0)), (1, header(6).loader));
     }
 
     #[test]

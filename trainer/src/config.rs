@@ -375,9 +375,29 @@ impl RunConfig {
         Ok(())
     }
 
-    /// Images per optimizer step: `data.batch_size x accumulation_steps`.
+    /// Images per optimizer step: `data.batch_size x accumulation_steps` (the recipe's total
+    /// batch, whatever the number of processes: [`Self::local_accumulation`]).
     pub fn total_batch(&self) -> usize {
         self.data.batch_size * self.optimizer.accumulation_steps
+    }
+
+    /// Micro-batches per optimizer step on each of `world` data-parallel ranks, each of
+    /// `data.batch_size` images, so that the step's total stays [`Self::total_batch`]:
+    /// `accumulation_steps / world` (spec §4: the base recipe's 2048 holds on 1 GPU or 8). An
+    /// error when that is not a whole number.
+    pub fn local_accumulation(&self, world: usize) -> Result<usize, CaeError> {
+        let (accum, world) = (self.optimizer.accumulation_steps, world.max(1));
+        if accum % world != 0 {
+            return Err(CaeError::Config(format!(
+                "the total batch {} (data.batch_size {} x optimizer.accumulation_steps {accum}) does not split over                  {world} processes of {} images: {} / ({world} x {}) is not a whole number; set                  optimizer.accumulation_steps to a multiple of {world}, or change data.batch_size (per process)",
+                self.total_batch(),
+                self.data.batch_size,
+                self.data.batch_size,
+                self.total_batch(),
+                self.data.batch_size
+            )));
+        }
+        Ok(accum / world)
     }
 
     /// Peak lr after the linear scaling rule (spec §4).
@@ -514,6 +534,19 @@ mod tests {
         let c = RunConfig::resolve(None, &["data.http.low_speed_time_s=0.5".into(), "data.http.retries=2".into()]);
         let h = c.unwrap().data.http;
         assert_eq!((h.low_speed_time_s, h.retries, h.low_speed_bytes_per_s), (0.5, 2, 1024));
+    }
+
+    #[test]
+    fn the_base_total_batch_holds_on_one_process_or_eight() {
+        let c = RunConfig::resolve(None, &["preset=base".into(), "model.target=\"pixels\"".into()]).unwrap();
+        // 256 per process: 8 micro-batches on 1, 1 on 8, 4 on 2; 2048 images per step each time.
+        for (world, local) in [(1, 8), (2, 4), (8, 1)] {
+            assert_eq!(c.local_accumulation(world).unwrap(), local);
+            assert_eq!(local * world * c.data.batch_size, 2048);
+        }
+        let e = c.local_accumulation(3).unwrap_err().to_string();
+        assert!(e.contains("2048") && e.contains("multiple of 3"), "{e}");
+        assert!(c.local_accumulation(16).is_err(), "16 x 256 > 2048");
     }
 
     #[test]

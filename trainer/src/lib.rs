@@ -50,6 +50,7 @@ pub mod builtin;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod export;
 pub mod features;

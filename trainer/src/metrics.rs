@@ -43,6 +43,9 @@ pub const SKIPPED_STEPS: &str = "cae_train_skipped_steps_total";
 pub const LOSS_SCALE: &str = "cae_train_loss_scale";
 /// Blocking device -> host read-backs (crate::readback): at most one per optimizer step.
 pub const HOST_SYNCS: &str = "cae_train_host_syncs_total";
+/// Data-parallel runs: seconds per step this rank spent in the gradient all-reduce (waiting
+/// for the slowest rank included). Every rank serves its own, labelled `rank`.
+pub const ALLREDUCE_SECONDS: &str = "cae_train_allreduce_seconds";
 
 /// Every series the trainer exports (the pipeline's are in `cae_pipeline::metrics`).
 pub const ALL: &[&str] = &[
@@ -63,6 +66,7 @@ pub const ALL: &[&str] = &[
     SKIPPED_STEPS,
     LOSS_SCALE,
     HOST_SYNCS,
+    ALLREDUCE_SECONDS,
 ];
 
 /// Registers help texts (call after the recorder is installed).
@@ -88,6 +92,11 @@ pub fn describe() {
     describe_counter!(SKIPPED_STEPS, Unit::Count, "Steps skipped on loss-scale overflow (no update)");
     describe_gauge!(LOSS_SCALE, "Dynamic loss scale (1 without loss scaling)");
     describe_counter!(HOST_SYNCS, Unit::Count, "Blocking device-to-host read-backs of the training loop");
+    describe_histogram!(
+        ALLREDUCE_SECONDS,
+        Unit::Seconds,
+        "Data parallel: time per step in the gradient all-reduce, waiting for the slowest rank included"
+    );
     cae_pipeline::metrics::describe();
 }
 
@@ -99,7 +108,7 @@ pub fn register() {
     for name in [STEPS, IMAGES, CHECKPOINTS, SKIPPED_STEPS, HOST_SYNCS] {
         metrics::counter!(name).increment(0);
     }
-    for name in [STEP_SECONDS, DATA_WAIT_SECONDS, TOKENIZER_WAIT_SECONDS, CHECKPOINT_SECONDS] {
+    for name in [STEP_SECONDS, DATA_WAIT_SECONDS, TOKENIZER_WAIT_SECONDS, CHECKPOINT_SECONDS, ALLREDUCE_SECONDS] {
         let _ = metrics::histogram!(name);
     }
     for name in [LOSS, LOSS_MAIN, LOSS_ALIGN, GRAD_NORM] {
@@ -112,14 +121,15 @@ pub fn register() {
     cae_pipeline::metrics::register();
 }
 
-/// Installs the Prometheus recorder and its HTTP listener on `addr`, then registers the help
-/// texts and every series. Fails when the address cannot be bound or a recorder is already
+/// Installs the Prometheus recorder and its HTTP listener on `addr` (a data-parallel rank's
+/// series carry the label `rank`), then registers the help texts and every series. Fails when the address cannot be bound or a recorder is already
 /// installed.
-pub fn install(addr: SocketAddr) -> Result<(), String> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| format!("metrics endpoint on {addr}: {e}"))?;
+pub fn install(addr: SocketAddr, rank: Option<usize>) -> Result<(), String> {
+    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr);
+    if let Some(r) = rank {
+        builder = builder.add_global_label("rank", r.to_string());
+    }
+    builder.install().map_err(|e| format!("metrics endpoint on {addr}: {e}"))?;
     describe();
     register();
     Ok(())

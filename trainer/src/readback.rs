@@ -35,6 +35,16 @@ pub fn read_f64s<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f64>
     t.into_data().convert::<f64>().to_vec::<f64>().map_err(|e| CaeError::Data(format!("reading values back: {e:?}")))
 }
 
+/// The values of `t` as f32, appended to `out`: one blocking read, counted (a data-parallel
+/// step's gradients, into its reused buffer).
+pub fn read_f32s_into<B: Backend, const D: usize>(t: Tensor<B, D>, out: &mut Vec<f32>) -> Result<(), CaeError> {
+    count_sync();
+    let data = t.into_data().convert::<f32>();
+    let values = data.as_slice::<f32>().map_err(|e| CaeError::Data(format!("reading values back: {e:?}")))?;
+    out.extend_from_slice(values);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! nothing behind and its corrected retry runs into the same `--out`; conflicting flags fail
 //! before anything is created; a scrape before the first step lists every series; a changed
 //! image size is one `--set`; Ctrl-C is acknowledged at once; a resume with one `--set` names
-//! that key only; a peak lr below `min_lr` is said.
+//! that key only; a peak lr below `min_lr` is said; `bench --json` prints only its JSON.
 //!
 //! The metrics test uses the `test-hooks` feature (on in `cargo test --workspace`: the `tests`
 //! crate enables it).
@@ -191,4 +191,15 @@ fn a_peak_lr_below_min_lr_is_said() {
     let o = run(&args(&data, &tmp.path().join("run"), 1, &["--set", "optimizer.lr=1e-6"]));
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("is below optimizer.min_lr 1.000e-5"), "{}", text(&o));
+}
+
+/// `trainer bench --json` prints one JSON object on stdout and nothing else (a script parses it).
+#[test]
+fn bench_json_is_the_only_thing_on_stdout() {
+    let a = ["bench", "--synthetic-only", "--json", "--steps", "2", "--warmup", "1", "--set", "data.batch_size=4"];
+    let o = Command::new(common::BIN).args(a).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert!(v["synthetic"]["images_per_second"].as_f64().is_some_and(|x| x > 0.0), "{v}");
 }

@@ -121,9 +121,7 @@ fn wgpu_trains_micro_in_f32_and_supported_half_types() {
             run_dir: tmp.path().join("bf16"),
             shards: data.to_string_lossy().into_owned(),
             resume: None,
-            stop: Default::default(),
-            progress: false,
-            init_from: None,
+            ..RunOptions::default()
         };
         let e = train::run::<Autodiff<Wgpu>>(&config, &opts, &dev).unwrap_err().to_string();
         assert!(e.contains("Bf16") && e.contains("not supported by this device"), "{e}");
@@ -144,9 +142,7 @@ fn wgpu_trains_micro_in_f32_and_supported_half_types() {
             run_dir: dir.clone(),
             shards: data.to_string_lossy().into_owned(),
             resume: None,
-            stop: Default::default(),
-            progress: false,
-            init_from: None,
+            ..RunOptions::default()
         };
         let s = train::run::<Autodiff<Wgpu>>(&config, &opts, &dev).unwrap();
         assert_eq!(s.end_step, 20, "{dtype}");

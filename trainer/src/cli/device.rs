@@ -44,6 +44,27 @@ impl DeviceKind {
         })
     }
 
+    /// A data-parallel rank's device: `cuda` or `wgpu` without an index (`flag` as given)
+    /// means the GPU of the rank's local rank; an explicit index or the CPU stays.
+    pub fn for_local_rank(self, flag: &str, local_rank: usize) -> Self {
+        match (self, flag) {
+            (Self::Cuda(_), "cuda") => Self::Cuda(local_rank),
+            (Self::Wgpu(WgpuAdapter::Default), "wgpu") => Self::Wgpu(WgpuAdapter::Discrete(local_rank)),
+            (kind, _) => kind,
+        }
+    }
+
+    /// The `--device` spelling of this device.
+    pub fn name(self) -> String {
+        match self {
+            Self::Cpu => "cpu".into(),
+            Self::Cuda(n) => format!("cuda:{n}"),
+            Self::Wgpu(WgpuAdapter::Default) => "wgpu".into(),
+            Self::Wgpu(WgpuAdapter::Discrete(n)) => format!("wgpu:{n}"),
+            Self::Wgpu(WgpuAdapter::Cpu) => "wgpu:cpu".into(),
+        }
+    }
+
     /// Whether this is the CPU backend.
     pub fn is_cpu(self) -> bool {
         self == Self::Cpu
@@ -135,6 +156,16 @@ mod tests {
             let e = DeviceKind::parse(bad).unwrap_err().to_string();
             assert!(e.contains(bad) && e.contains("wgpu:N"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_rank_without_a_device_index_takes_its_local_rank() {
+        let on = |flag: &str| DeviceKind::parse(flag).unwrap().for_local_rank(flag, 3).name();
+        assert_eq!(on("cuda"), "cuda:3");
+        assert_eq!(on("wgpu"), "wgpu:3");
+        assert_eq!(on("cuda:1"), "cuda:1", "an explicit index stays");
+        assert_eq!(on("cpu"), "cpu");
+        assert_eq!(on("wgpu:cpu"), "wgpu:cpu");
     }
 
     /// The dispatcher hands the job the backend it names.

@@ -109,8 +109,23 @@ pub fn main_from<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) 
     // pipeline's threads and tokio never use rayon), and the pool is built here, once: its
     // workers get the main thread's 8 MiB of stack (threads default to 2 MiB) and
     // RAYON_NUM_THREADS still sets their number.
-    let _already_built = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build_global();
+    let mut pool = rayon::ThreadPoolBuilder::new().stack_size(8 << 20);
+    if let Some(threads) = threads_per_local_process() {
+        pool = pool.num_threads(threads);
+    }
+    let _already_built = pool.build_global();
     rayon::scope(|_| dispatch(cli))
+}
+
+/// Several data-parallel processes on this machine (their launcher says how many) share its
+/// cores: each gets its part, unless RAYON_NUM_THREADS says otherwise.
+fn threads_per_local_process() -> Option<usize> {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return None;
+    }
+    let local = crate::dist::launch::local_processes()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((cores / local).max(1))
 }
 
 /// Runs one parsed command.

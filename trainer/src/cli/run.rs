@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -15,6 +16,7 @@ use super::run_plan::{OutPlan, RunPlan, ShardPlan};
 use crate::builtin;
 use crate::checkpoint;
 use crate::config::RunConfig;
+use crate::dist::{self, Dist};
 use crate::run_dir;
 use crate::train::{self, CONFIG_FILE, RunOptions, RunSummary, STEP_LOG};
 
@@ -67,6 +69,10 @@ pub struct RunArgs {
     /// checkpoints (weights only; optimizer, step and data start fresh).
     #[arg(long, value_name = "CKPT", conflicts_with = "resume")]
     pub init_from: Option<PathBuf>,
+    /// Data parallel (launched by mpirun/srun, built with `mpi`): end the whole job when no
+    /// collective has completed for this many seconds on some rank (a hung rank).
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    pub dist_timeout: f64,
 }
 
 /// What `--resume` asks for.
@@ -164,42 +170,104 @@ fn acknowledge_stop(stop: Arc<AtomicBool>, signal: Arc<AtomicUsize>) {
 
 pub(super) fn run_command(a: RunArgs) -> anyhow::Result<()> {
     super::init_tracing();
-    let plan = RunPlan::from_args(&a)?;
-    start(plan)
+    if !(a.dist_timeout > 0.0 && a.dist_timeout.is_finite()) {
+        super::usage!("--dist-timeout {}: expected a positive number of seconds", a.dist_timeout);
+    }
+    let dist = Rc::new(Dist::init(std::time::Duration::from_secs_f64(a.dist_timeout))?);
+    let mut plan = RunPlan::from_args(&a, dist.world)?;
+    if dist.is_parallel() {
+        plan.device = plan.device.for_local_rank(&a.device, dist.local_rank);
+        plan.device_name = plan.device.name();
+        agree(&plan, &dist)?;
+    }
+    start(plan, dist)
+}
+
+/// Every rank of a group planned the same run (the same config, checkpoint and shards): a
+/// rank started with another command line or working directory is refused. Also the point
+/// after which rank 0 may create things: every rank has finished its checks.
+fn agree(plan: &RunPlan, dist: &Dist) -> anyhow::Result<()> {
+    let what = format!("{}\0{:?}\0{:?}", plan.config.to_toml()?, plan.resume, plan.shards);
+    if !dist.same_everywhere(dist::digest(what.as_bytes())) {
+        super::usage!(
+            "rank {}: the ranks planned different runs (their config, --resume checkpoint or --shards differ): \
+             start every rank with the same command line, in the same working directory",
+            dist.rank
+        );
+    }
+    Ok(())
 }
 
 /// Starts a planned run: the side effects, in order — the run dir and its lock, the built-in
-/// data, the metrics endpoint, the signal handlers — then the training itself.
-fn start(plan: RunPlan) -> anyhow::Result<()> {
-    for note in &plan.notes {
-        say!("{note}");
+/// data (rank 0 of a group, which then tells the others), the metrics endpoint, the signal
+/// handlers — then the training itself.
+fn start(plan: RunPlan, dist: Rc<Dist>) -> anyhow::Result<()> {
+    if dist.is_root() {
+        for note in &plan.notes {
+            say!("{note}");
+        }
     }
-    let (run_dir, _lock) = open_run_dir(&plan)?;
-    let shards = match &plan.shards {
-        ShardPlan::Given(s) => s.clone(),
-        ShardPlan::Builtin(data) => builtin::ensure(data, &mut |l| say!("{l}"))?.to_string_lossy().into_owned(),
-    };
-    let metrics_url = plan.metrics_addr.and_then(start_metrics);
+    let (run_dir, shards, _lock) = open_group_run(&plan, &dist)?;
+    let metrics_url = plan.metrics_addr.and_then(|a| start_metrics(a, &dist));
     let stop = Arc::new(AtomicBool::new(false));
     let signal = Arc::new(AtomicUsize::new(0));
     install_signal_handlers(&stop, &signal)?;
-    print_header(&plan, &run_dir, metrics_url.as_deref());
+    print_header(&plan, &dist, &run_dir, metrics_url.as_deref());
     let opts = RunOptions {
         run_dir,
         shards,
         resume: plan.resume.clone(),
         stop,
-        progress: plan.progress,
+        signal: Arc::clone(&signal),
+        dist: Rc::clone(&dist),
+        progress: plan.progress && dist.is_root(),
+        quiet: false,
         init_from: plan.init_from.clone(),
     };
     let summary = on_device(plan.device, Train(&plan.config, &opts))?;
-    print_summary(&summary, metrics_url.as_deref());
+    print_summary(&summary, &dist, metrics_url.as_deref());
     if summary.interrupted {
         // Stopped by a signal before the schedule's end, its checkpoint written: a scheduler
-        // (Kubernetes Job, Slurm requeue) must not take this for a finished run.
-        return Err(super::Stopped { signal: signal.load(Ordering::SeqCst) as i32 }.into());
+        // (Kubernetes Job, Slurm requeue) must not take this for a finished run. In a group,
+        // every rank exits with the signal that stopped it, whichever rank received it.
+        let own = signal.load(Ordering::SeqCst) as i32;
+        return Err(super::Stopped { signal: summary.stop_signal.unwrap_or(own) }.into());
     }
     Ok(())
+}
+
+/// The run dir (created and locked) and the shard source (the built-in data made if needed):
+/// rank 0's work, its outcome broadcast to the other ranks of a group (a failure there ends
+/// every rank with the same exit status).
+fn open_group_run(plan: &RunPlan, dist: &Dist) -> anyhow::Result<(PathBuf, String, Option<run_dir::RunLock>)> {
+    if !dist.is_root() {
+        let told = dist.broadcast_string("");
+        return match told.splitn(3, '\0').collect::<Vec<_>>()[..] {
+            ["ok", dir, shards] => Ok((PathBuf::from(dir), shards.to_string(), None)),
+            ["error", "2", why] => Err(crate::CaeError::Usage(format!("rank 0 could not start the run: {why}")).into()),
+            [_, _, why] => anyhow::bail!("rank 0 could not start the run: {why}"),
+            _ => anyhow::bail!("rank 0 sent no run directory"),
+        };
+    }
+    let outcome = make_run(plan);
+    if dist.is_parallel() {
+        let message = match &outcome {
+            Ok((run_dir, shards, _)) => format!("ok\0{}\0{shards}", run_dir.to_string_lossy()),
+            Err(e) => format!("error\0{}\0{e:#}", super::exit_code(e)),
+        };
+        dist.broadcast_string(&message);
+    }
+    outcome
+}
+
+/// Rank 0's part of the start: the run dir, created and locked, and the shard source.
+fn make_run(plan: &RunPlan) -> anyhow::Result<(PathBuf, String, Option<run_dir::RunLock>)> {
+    let (run_dir, lock) = open_run_dir(plan)?;
+    let shards = match &plan.shards {
+        ShardPlan::Given(s) => s.clone(),
+        ShardPlan::Builtin(data) => builtin::ensure(data, &mut |l| say!("{l}"))?.to_string_lossy().into_owned(),
+    };
+    Ok((run_dir, shards, Some(lock)))
 }
 
 /// The run directory, created and locked for this process; a fresh run never writes into another
@@ -234,15 +302,17 @@ fn open_run_dir(plan: &RunPlan) -> anyhow::Result<(PathBuf, run_dir::RunLock)> {
     Ok((run_dir, lock))
 }
 
-/// Binds the Prometheus endpoint; a failure is a warning (the run goes on without it).
-fn start_metrics(addr: SocketAddr) -> Option<String> {
+/// Binds the Prometheus endpoint (a data-parallel rank: the port plus its local rank, series
+/// labelled `rank`); a failure is a warning (the run goes on without it).
+fn start_metrics(addr: SocketAddr, dist: &Dist) -> Option<String> {
+    let addr = SocketAddr::new(addr.ip(), addr.port().saturating_add(dist.local_rank as u16));
     if !addr.ip().is_loopback() {
         say_err!(
             "warning: --metrics-addr {addr} is not a loopback address: the metrics endpoint has no \
              authentication, anyone who can reach this port can read it"
         );
     }
-    match crate::metrics::install(addr) {
+    match crate::metrics::install(addr, dist.is_parallel().then_some(dist.rank)) {
         Ok(()) => Some(format!("http://{addr}/metrics")),
         Err(e) => {
             say_err!("warning: {e}; continuing without the Prometheus endpoint");
@@ -251,8 +321,20 @@ fn start_metrics(addr: SocketAddr) -> Option<String> {
     }
 }
 
-fn print_header(plan: &RunPlan, run_dir: &Path, metrics_url: Option<&str>) {
+fn print_header(plan: &RunPlan, dist: &Dist, run_dir: &Path, metrics_url: Option<&str>) {
     let config = &plan.config;
+    if !dist.is_root() {
+        say!(
+            "rank {} of {} (local {} of {}): device {}, metrics {}",
+            dist.rank,
+            dist.world,
+            dist.local_rank,
+            dist.local_world,
+            plan.device_name,
+            metrics_url.unwrap_or("off")
+        );
+        return;
+    }
     say!(
         "run {}: preset {:?}, target {:?}, batch {} x {} accumulation, peak lr {:.3e}, device {}, {}{}",
         run_dir.display(),
@@ -265,6 +347,16 @@ fn print_header(plan: &RunPlan, run_dir: &Path, metrics_url: Option<&str>) {
         format!("{:?}", config.precision.dtype).to_lowercase(),
         if config.precision.scaling() { " with dynamic loss scaling" } else { "" }
     );
+    if dist.is_parallel() {
+        say!(
+            "  group       {} processes x {} images x {} micro-batch(es) = {} images per step (rank 0 on {})",
+            dist.world,
+            config.data.batch_size,
+            plan.accumulation,
+            config.total_batch(),
+            plan.device_name
+        );
+    }
     if plan.device.is_cpu() {
         say!(
             "  threads     {} for the step (burn-flex on rayon; RAYON_NUM_THREADS), {} decode workers (data.workers)",
@@ -288,8 +380,12 @@ impl OnBackend for Train<'_> {
     }
 }
 
-fn print_summary(s: &RunSummary, metrics_url: Option<&str>) {
+fn print_summary(s: &RunSummary, dist: &Dist, metrics_url: Option<&str>) {
     let steps = s.end_step - s.start_step;
+    if !dist.is_root() {
+        say!("rank {}: done, steps {} -> {}{}", dist.rank, s.start_step, s.end_step, stopped_note(s));
+        return;
+    }
     say!(
         "done: steps {} -> {} of {} in {:.1} s ({:.2} steps/s), data wait {:.1}% of step time (tokenizer {:.1}%){}",
         s.start_step,
@@ -299,7 +395,7 @@ fn print_summary(s: &RunSummary, metrics_url: Option<&str>) {
         steps as f64 / s.seconds.max(1e-9),
         100.0 * s.data_wait_fraction,
         100.0 * s.tokenizer_wait_fraction,
-        if s.interrupted { " (interrupted)" } else { "" }
+        stopped_note(s)
     );
     if let (Some(a), Some(b), Some(ea), Some(lb)) = (s.first_loss, s.last_loss, s.early_mean_loss, s.late_mean_loss) {
         say!("loss {a:.4} -> {b:.4} (mean of the first 10% of steps {ea:.4}, of the last 10% {lb:.4})");
@@ -311,4 +407,8 @@ fn print_summary(s: &RunSummary, metrics_url: Option<&str>) {
     if let Some(u) = metrics_url {
         say!("metrics were served at {u} (the endpoint closes with the process)");
     }
+}
+
+fn stopped_note(s: &RunSummary) -> &'static str {
+    if s.interrupted { " (interrupted)" } else { "" }
 }

@@ -53,17 +53,30 @@ pub(super) struct RunPlan {
     pub progress: bool,
     /// Lines to print once the run starts (what was chosen for the user, and warnings).
     pub notes: Vec<String>,
+    /// Micro-batches per optimizer step on each process ([`RunConfig::local_accumulation`]).
+    pub accumulation: usize,
 }
 
 impl RunPlan {
-    /// Parses and checks everything; no side effect.
-    pub fn from_args(a: &RunArgs) -> anyhow::Result<Self> {
+    /// Parses and checks everything for a group of `world` processes (1: a single process); no
+    /// side effect.
+    pub fn from_args(a: &RunArgs, world: usize) -> anyhow::Result<Self> {
         let device = DeviceKind::from_flag(&a.device)?;
         let mut notes = Vec::new();
         let resume = plan_resume(a, &mut notes)?;
         let header = resume.as_deref().map(Checkpoint::read_header).transpose()?;
         if let (Some(ckpt), Some(h)) = (&resume, &header) {
             notes.insert(0, format!("resuming from {} (step {})", ckpt.display(), h.step));
+            if h.world_size != world {
+                super::usage!(
+                    "--resume {}: the checkpoint was written by a group of {} process(es); this launch has {world}. \
+                     Resume it with {} (mpirun -n {}), or start a new run from its weights with --init-from",
+                    ckpt.display(),
+                    h.world_size,
+                    h.world_size,
+                    h.world_size
+                );
+            }
         }
         let mut config = match &header {
             Some(h) => resumed_config(a, &h.config)?,
@@ -76,6 +89,7 @@ impl RunPlan {
         }
         apply_run_flags(&mut config, a);
         config.validate()?;
+        let accumulation = config.local_accumulation(world)?;
         if a.config.is_none() && resume.is_none() && !a.sets.iter().any(|s| s.starts_with("model.target")) {
             builtin_target(&mut config, &mut notes)?;
         }
@@ -103,6 +117,7 @@ impl RunPlan {
             init_from: a.init_from.clone(),
             progress: !a.no_progress,
             notes,
+            accumulation,
         })
     }
 }

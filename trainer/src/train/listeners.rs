@@ -34,6 +34,8 @@ pub struct StepDone {
     pub epoch: u64,
     /// Skipped on loss-scale overflow (no update).
     pub skipped: bool,
+    /// Data parallel: seconds in the step's all-reduce.
+    pub allreduce_seconds: Option<f64>,
 }
 
 /// A step's values, once read from the device.
@@ -91,6 +93,7 @@ impl Listener for StepLogFile {
             data_wait_seconds: d.data_wait,
             images_per_second: v.images_per_second(),
             host_syncs: v.host_syncs,
+            allreduce_seconds: d.allreduce_seconds,
         };
         let line = serde_json::to_string(&entry).map_err(|e| CaeError::Data(e.to_string()))?;
         writeln!(self.file, "{line}").map_err(CaeError::io(&self.path))
@@ -117,6 +120,9 @@ impl Listener for Prometheus {
         if s.skipped {
             ::metrics::counter!(m::SKIPPED_STEPS).increment(1);
         }
+        if let Some(seconds) = s.allreduce_seconds {
+            ::metrics::histogram!(m::ALLREDUCE_SECONDS).record(seconds);
+        }
     }
 
     fn on_values(&mut self, v: &StepValues) -> Result<(), CaeError> {
@@ -139,6 +145,8 @@ pub struct Console {
     pub log_every: u64,
     pub first_step: u64,
     pub total: u64,
+    /// Print the loss lines (rank 0 of a data-parallel run; every single-process run).
+    pub loss_lines: bool,
 }
 
 impl Listener for Console {
@@ -149,7 +157,8 @@ impl Listener for Console {
     fn on_values(&mut self, v: &StepValues) -> Result<(), CaeError> {
         let (step, lr, ips) = (v.done.step, v.done.lr, v.images_per_second());
         self.pb.set_message(format!("loss {:.4} lr {lr:.2e} {ips:.0} img/s", v.loss));
-        if step == self.first_step || step.is_multiple_of(self.log_every.max(1)) || step == self.total {
+        let due = step == self.first_step || step.is_multiple_of(self.log_every.max(1)) || step == self.total;
+        if self.loss_lines && due {
             let pct = |x: f64| 100.0 * x / v.done.step_seconds.max(1e-9);
             say(
                 &self.pb,

@@ -8,14 +8,16 @@
 //! - [`step_log`]: the per-step log, `metrics.jsonl`.
 
 pub mod feeder;
+mod group;
 mod listeners;
+mod reduce;
 pub mod step_log;
 mod steps;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::Instant;
 
 use burn::module::Module;
@@ -26,6 +28,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::CaeError;
 use crate::checkpoint::{self, Checkpoint, CheckpointHeader, encode_record};
 use crate::config::RunConfig;
+use crate::dist::Dist;
 use crate::model::{Cae, DalleEncoder, TargetKind};
 use crate::optim::CaeOptimizer;
 use crate::precision::LossScaler;
@@ -43,7 +46,7 @@ pub const CONFIG_FILE: &str = "config.toml";
 pub const HANG_ENV: &str = "CAE_TRAINER_TEST_HANG_AFTER_STEP";
 
 /// Where and how a run goes (the config says what it is).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     /// Run directory: config, step log, checkpoints.
     pub run_dir: PathBuf,
@@ -53,8 +56,14 @@ pub struct RunOptions {
     pub resume: Option<PathBuf>,
     /// Set by SIGINT/SIGTERM: finish the step, checkpoint, return.
     pub stop: Arc<AtomicBool>,
+    /// The number of the signal that set `stop`.
+    pub signal: Arc<AtomicUsize>,
+    /// This process's data-parallel group (a single process by default).
+    pub dist: std::rc::Rc<Dist>,
     /// Draw a progress bar (hidden anyway when stderr is not a terminal).
     pub progress: bool,
+    /// No loss or checkpoint lines on stdout (`trainer bench --json`: the JSON owns stdout).
+    pub quiet: bool,
     /// Initial weights of a fresh run (ignored on resume): an mmselfsup CAE checkpoint (`.pth`)
     /// or one of our checkpoints (model weights only; optimizer, step and data start fresh).
     pub init_from: Option<PathBuf>,
@@ -84,6 +93,18 @@ pub struct RunSummary {
     pub last_checkpoint: Option<PathBuf>,
     /// Stopped by a signal before the end of the schedule.
     pub interrupted: bool,
+    /// Data parallel: the signal that stopped the group (perhaps sent to another rank).
+    pub stop_signal: Option<i32>,
+}
+
+/// What a checkpoint records besides the weights: the step, where the data resumes (rank 0's
+/// state, and in a data-parallel run every rank's), the last loss.
+pub(crate) struct SavedState {
+    pub step: u64,
+    pub loader: LoaderState,
+    /// Every rank's loader state, in rank order (empty for a single process).
+    pub rank_loaders: Vec<LoaderState>,
+    pub loss: Option<f64>,
 }
 
 /// Writes a run's checkpoints (what does not change between them).
@@ -99,11 +120,14 @@ pub(crate) struct Saver<'a, B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Saver<'_, B> {
+    /// Where the checkpoint of `step` goes (written by rank 0).
+    fn path_of(&self, step: u64) -> PathBuf {
+        self.run_dir.join(checkpoint::CHECKPOINT_DIR).join(checkpoint::file_name(step))
+    }
+
     fn save(
         &mut self,
-        step: u64,
-        loader: LoaderState,
-        loss: Option<f64>,
+        state: &SavedState,
         model: &Cae<B>,
         optimizer: &CaeOptimizer<B, Cae<B>>,
         scaler: &LossScaler,
@@ -117,10 +141,12 @@ impl<B: AutodiffBackend> Saver<'_, B> {
             sections.push(("tokenizer", encode_record::<B::InnerBackend, _>(tok.clone().into_record())?));
         }
         let header = CheckpointHeader {
-            step,
-            loader,
+            step: state.step,
+            loader: state.loader,
+            world_size: state.rank_loaders.len().max(1),
+            rank_loaders: state.rank_loaders.clone(),
             config: self.config_toml.to_string(),
-            loss,
+            loss: state.loss,
             // Absolute local paths (a resume from another directory finds them); credentials
             // never reach a checkpoint (a resume then needs --shards again).
             shards: Some(cae_pipeline::source::redacted(&absolute_source(self.shards))),
@@ -178,8 +204,9 @@ pub fn run<B: AutodiffBackend>(
 ) -> Result<RunSummary, CaeError> {
     let shards = cae_pipeline::source::expand_with(&opts.shards, &config.data.http)
         .map_err(|e| CaeError::Data(format!("{}: {e}", cae_pipeline::source::redacted(&opts.shards))))?;
+    let data = group::rank_data(&config.data, &opts.dist);
     run_from::<B>(config, opts, device, move |state| {
-        let loader = Loader::new(config.data.clone(), shards, state).map_err(|e| CaeError::Data(e.to_string()))?;
+        let loader = Loader::new(data, shards, state).map_err(|e| CaeError::Data(e.to_string()))?;
         Ok(Box::new(loader) as Box<dyn BatchSource>)
     })
 }
@@ -194,15 +221,17 @@ pub fn run_from<B: AutodiffBackend>(
 ) -> Result<RunSummary, CaeError> {
     let started = Instant::now();
     check_precision::<B>(config, device)?;
-    let run_dir = &opts.run_dir;
-    fs::create_dir_all(run_dir).map_err(CaeError::io(run_dir))?;
+    let (run_dir, root) = (&opts.run_dir, opts.dist.is_root());
     let config_toml = config.to_toml()?;
-    let config_path = run_dir.join(CONFIG_FILE);
-    fs::write(&config_path, &config_toml).map_err(CaeError::io(&config_path))?;
+    if root {
+        fs::create_dir_all(run_dir).map_err(CaeError::io(run_dir))?;
+        let config_path = run_dir.join(CONFIG_FILE);
+        fs::write(&config_path, &config_toml).map_err(CaeError::io(&config_path))?;
+    }
     let start = restore::<B>(config, opts, device)?;
-    let step_log = open_step_log(run_dir, start.step)?;
+    let step_log = if root { Some(open_step_log(run_dir, start.step)?) } else { None };
     let source = make_source(start.loader_state)?;
-    let accum = config.optimizer.accumulation_steps;
+    let accum = config.local_accumulation(opts.dist.world)?;
     let schedule = config.lr_schedule(source.batches_per_epoch().map(|b| b / accum as u64))?;
     let total = schedule.total_iters as u64;
     let pb = progress_bar(opts.progress, total, start.step);
@@ -226,6 +255,9 @@ pub fn run_from<B: AutodiffBackend>(
         schedule,
         step_log,
         pb,
+        dist: &opts.dist,
+        device: device.clone(),
+        accumulation: accum,
         step: start.step,
         loader_state: start.loader_state,
         summary,
@@ -251,6 +283,7 @@ impl RunSummary {
             tokenizer_wait_fraction: 0.0,
             last_checkpoint: None,
             interrupted: false,
+            stop_signal: None,
         }
     }
 }
@@ -288,8 +321,8 @@ fn restore<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<Start<B>, CaeError> {
     // Initial weights come from the seed alone (model/init.rs); burn's RNG, seeded too, serves
-    // the per-step randomness (drop path).
-    B::seed(device, config.seed);
+    // the per-step randomness (drop path): each rank of a group draws its own.
+    B::seed(device, group::rank_seed(config.seed, opts.dist.rank));
     let (mut model, mut tokenizer) = crate::model::init::with_seed(config.seed, || -> Result<_, CaeError> {
         let model = Cae::<B>::new(&config.model, device)?;
         let dalle = config.model.target == TargetKind::Dalle;
@@ -307,6 +340,7 @@ fn restore<B: AutodiffBackend>(
             model = crate::weights::init_pretraining(model, path, config, device)?;
         }
         let optimizer = CaeOptimizer::new(&config.optim_config(), &model);
+        let (model, optimizer) = group::same_start(&opts.dist, model, optimizer, &config.optim_config(), device)?;
         let scaler = LossScaler::new(&config.precision);
         return Ok(Start {
             model,
@@ -328,13 +362,14 @@ fn restore<B: AutodiffBackend>(
     // it from the loaded model.
     let optimizer =
         CaeOptimizer::new(&config.optim_config(), &model).load_record(ck.record::<B, _>("optimizer", device)?);
+    let (model, optimizer) = group::same_start(&opts.dist, model, optimizer, &config.optim_config(), device)?;
     let mut scaler = LossScaler::new(&config.precision);
     if let Some(s) = ck.header.loss_scaler.filter(|_| scaler.enabled) {
         scaler = s;
     }
-    let (step, loader_state) = (ck.header.step, ck.header.loader);
+    let (step, loader_state) = (ck.header.step, ck.header.loader_for(opts.dist.rank));
     drop(ck);
-    let parent = rewind_lineage(opts, step)?;
+    let parent = if opts.dist.is_root() { rewind_lineage(opts, step)? } else { None };
     Ok(Start { model, tokenizer, optimizer, scaler, step, loader_state, parent })
 }
 

@@ -30,6 +30,10 @@ pub struct StepLog {
     /// Blocking device -> host read-backs during this step ([`crate::readback`]).
     #[serde(default)]
     pub host_syncs: u64,
+    /// Data-parallel runs: seconds rank 0 spent in the step's all-reduce (its wait for the
+    /// slowest rank included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allreduce_seconds: Option<f64>,
 }
 
 fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {

@@ -16,6 +16,11 @@
 //!    its overflow flag every step too): one sync per step, none otherwise between log steps;
 //! 5. a checkpoint every `checkpoint.every` steps, at the end, when the data ends and when a
 //!    signal asked to stop; never of non-finite weights (checked in the same read).
+//!
+//! In a data-parallel run ([`crate::dist`]) the gradients of step 1 are summed over the ranks
+//! between 1 and 2 ([`super::reduce`]: one all-reduce that also carries the stop requests, data
+//! ends and failures), so every rank takes the same decisions after the same step. Rank 0
+//! writes the step log and the checkpoints (with every rank's loader state, gathered).
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -29,9 +34,11 @@ use indicatif::ProgressBar;
 
 use super::feeder::{DataWait, Feeder};
 use super::listeners::{Console, Listener, Prometheus, StepDone, StepLogFile, StepValues, Totals};
+use super::reduce::{GradReducer, LocalControl};
 use super::{HANG_ENV, RunOptions, RunSummary, Saver, say};
 use crate::CaeError;
 use crate::config::RunConfig;
+use crate::dist::Dist;
 use crate::model::{Cae, CaeTargets};
 use crate::optim::{CaeOptimizer, LrSchedule};
 use crate::precision::{LossScaler, ScaleDecision};
@@ -52,9 +59,10 @@ struct Pending<I: Backend> {
 
 /// One optimizer step's accumulated forward and backward passes.
 struct Accumulated<B: AutodiffBackend> {
-    grads: GradientsParams,
+    /// `None`: no batch (the data ended before the first micro-batch).
+    grads: Option<GradientsParams>,
     /// `[loss, loss_main, loss_align]`, the mean over the micro-batches.
-    losses: Tensor<B::InnerBackend, 1>,
+    losses: Option<Tensor<B::InnerBackend, 1>>,
     images: usize,
     epoch: u64,
     /// Loader state after the step's last batch.
@@ -62,6 +70,12 @@ struct Accumulated<B: AutodiffBackend> {
     wait: DataWait,
     /// The data ended during this step (it had fewer micro-batches).
     data_ended: bool,
+    /// A fatal data error ended the step (this rank's, or in a data-parallel run another's).
+    error: Option<CaeError>,
+    /// Data parallel: the group's stop request (the signal's number), and the seconds spent in
+    /// the all-reduce.
+    group_stop: Option<i32>,
+    allreduce_seconds: f64,
 }
 
 /// Number of non-finite values over every float parameter of `module`, as one device scalar
@@ -92,8 +106,13 @@ pub(super) struct LoopParts<'a, B: AutodiffBackend> {
     pub scaler: LossScaler,
     pub feeder: Feeder<B::InnerBackend>,
     pub schedule: LrSchedule,
-    pub step_log: StepLogFile,
+    /// Rank 0's (the only rank that writes one).
+    pub step_log: Option<StepLogFile>,
     pub pb: ProgressBar,
+    pub dist: &'a Dist,
+    pub device: B::Device,
+    /// Micro-batches per optimizer step on this rank ([`RunConfig::local_accumulation`]).
+    pub accumulation: usize,
     /// Completed steps when this invocation starts, and the loader state after them.
     pub step: u64,
     pub loader_state: LoaderState,
@@ -102,15 +121,19 @@ pub(super) struct LoopParts<'a, B: AutodiffBackend> {
 
 /// The listeners of a run, each with its one job ([`super::listeners`]).
 struct Listeners {
-    log: StepLogFile,
+    log: Option<StepLogFile>,
     prometheus: Prometheus,
     console: Console,
     totals: Totals,
 }
 
 impl Listeners {
-    fn each(&mut self) -> [&mut dyn Listener; 4] {
-        [&mut self.log, &mut self.prometheus, &mut self.console, &mut self.totals]
+    fn each(&mut self) -> Vec<&mut dyn Listener> {
+        let mut all: Vec<&mut dyn Listener> = vec![&mut self.prometheus, &mut self.console, &mut self.totals];
+        if let Some(log) = &mut self.log {
+            all.insert(0, log);
+        }
+        all
     }
 }
 
@@ -134,12 +157,25 @@ pub(super) struct StepLoop<'a, B: AutodiffBackend> {
     checkpointed: u64,
     /// Test hook (feature `test-hooks`): hang after this step.
     hang_after: Option<u64>,
+    dist: &'a Dist,
+    device: B::Device,
+    /// Micro-batches per optimizer step on this rank.
+    accumulation: usize,
+    reducer: GradReducer,
+    /// The group's stop signal, once one stopped the run.
+    stop_signal: Option<i32>,
 }
 
 impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
     pub fn new(p: LoopParts<'a, B>) -> Self {
         let total = p.schedule.total_iters as u64;
-        let console = Console { pb: p.pb, log_every: p.config.log_every, first_step: p.step + 1, total };
+        let console = Console {
+            pb: p.pb,
+            log_every: p.config.log_every,
+            first_step: p.step + 1,
+            total,
+            loss_lines: p.dist.is_root() && !p.opts.quiet,
+        };
         let hang_after =
             if cfg!(feature = "test-hooks") { std::env::var(HANG_ENV).ok().and_then(|v| v.parse().ok()) } else { None };
         Self {
@@ -158,6 +194,11 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
             pending: Vec::new(),
             checkpointed: p.step,
             hang_after,
+            dist: p.dist,
+            device: p.device,
+            accumulation: p.accumulation,
+            reducer: GradReducer::default(),
+            stop_signal: None,
         }
     }
 
@@ -172,21 +213,39 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
         if self.hang_after == Some(0) && self.step == 0 {
             self.hang(0); // before the first step: a scrape sees the series registered at start
         }
+        self.dist.arm_watchdog(self.step);
         while self.step < self.total {
+            self.dist.set_step(self.step + 1);
             let (started, syncs) = (Instant::now(), readback::syncs());
-            let Some(acc) = self.accumulate(&model)? else {
+            let mut acc = self.accumulate(&model)?;
+            if self.dist.is_parallel() {
+                acc = self.reduce(&model, acc)?;
+            }
+            if let Some(e) = acc.error.take() {
+                return Err(self.save_before_error(e, &model));
+            }
+            let Some(grads) = acc.grads.take() else {
                 say(self.pb(), "the data pipeline ended (data.epochs reached); stopping".into());
                 break;
             };
             let data_ended = acc.data_ended;
-            model = self.update(model, acc, started, syncs)?;
+            let group_stop = acc.group_stop;
+            model = self.update(model, grads, acc, started, syncs)?;
             let step = self.step;
-            let stop = self.opts.stop.load(Ordering::SeqCst);
+            // A data-parallel run stops on the group's decision only (every rank after the same
+            // step); a signal that arrives later is in the next step's all-reduce.
+            let stop = match self.dist.is_parallel() {
+                true => group_stop.is_some(),
+                false => self.opts.stop.load(Ordering::SeqCst),
+            };
+            if stop {
+                self.stop_signal = group_stop;
+            }
             let last = stop || step == self.total || data_ended;
             let every = self.config.checkpoint.every;
             if last || (every > 0 && step.is_multiple_of(every)) {
                 let path = self.checked_save(&model)?;
-                if last {
+                if last && !self.opts.quiet && self.dist.is_root() {
                     say(self.pb(), format!("checkpoint {}", path.display()));
                 }
             } else if step == self.summary.start_step + 1 || step.is_multiple_of(self.config.log_every.max(1)) {
@@ -204,15 +263,35 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
                 break;
             }
         }
+        if self.dist.is_parallel() {
+            self.check_same_weights(&model)?;
+        }
         self.finish()
     }
 
-    /// The forward and backward passes of one optimizer step over `accumulation_steps`
-    /// micro-batches (`None`: the data ended before the first). A fatal data error keeps the last
-    /// completed step ([`Self::save_before_error`]).
-    fn accumulate(&mut self, model: &Cae<B>) -> Result<Option<Accumulated<B>>, CaeError> {
-        let accum = self.config.optimizer.accumulation_steps;
+    /// Data parallel, at the end of an invocation: every rank's weights digest, printed, and
+    /// checked to be the same on every rank (they are bit-identical by construction: the same
+    /// mean gradients applied by the same code to the same start).
+    fn check_same_weights(&mut self, model: &Cae<B>) -> Result<(), CaeError> {
+        let bytes = crate::checkpoint::encode_record::<B, _>(model.clone().into_record())?;
+        let digest = crate::dist::digest(&bytes);
+        say(self.pb(), format!("rank {}: weights digest {digest:08x} after step {}", self.dist.rank, self.step));
+        if !self.dist.same_everywhere(digest) {
+            return Err(CaeError::Data(format!(
+                "rank {}: the weights differ between ranks after step {} (digest {digest:08x} here)",
+                self.dist.rank, self.step
+            )));
+        }
+        Ok(())
+    }
+
+    /// The forward and backward passes of one optimizer step over this rank's micro-batches
+    /// (no gradients: the data ended before the first). A fatal data error is returned in the
+    /// step (the loop keeps the last completed step: [`Self::save_before_error`]).
+    fn accumulate(&mut self, model: &Cae<B>) -> Result<Accumulated<B>, CaeError> {
+        let accum = self.accumulation;
         let mut wait = DataWait::default();
+        let mut error = None;
         let mut summed = GradientsAccumulator::<Cae<B>>::new();
         let mut single: Option<GradientsParams> = None;
         let mut losses: Option<Tensor<B::InnerBackend, 1>> = None; // [3], mean over micro-batches
@@ -224,7 +303,10 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
                     data_ended = true;
                     break;
                 }
-                Err(e) => return Err(self.save_before_error(e, model)),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
             };
             let targets = match batch.targets {
                 CaeTargets::Tokens(t) => CaeTargets::Tokens(Tensor::from_inner(t)),
@@ -250,20 +332,70 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
                 _ => summed.accumulate(model, grads),
             }
         }
-        let Some(losses) = losses else { return Ok(None) };
-        let grads = single.unwrap_or_else(|| summed.grads());
-        Ok(Some(Accumulated { grads, losses, images, epoch, resume, wait, data_ended }))
+        let grads = losses.as_ref().map(|_| single.unwrap_or_else(|| summed.grads()));
+        Ok(Accumulated {
+            grads,
+            losses,
+            images,
+            epoch,
+            resume,
+            wait,
+            data_ended,
+            error,
+            group_stop: None,
+            allreduce_seconds: 0.0,
+        })
+    }
+
+    /// Data parallel: this rank's gradients and control values summed with every other rank's
+    /// ([`super::reduce`]); the step then carries the group's mean gradients and losses, its
+    /// images, and its decisions (stop, data ended, a rank's data failed).
+    fn reduce(&mut self, model: &Cae<B>, mut acc: Accumulated<B>) -> Result<Accumulated<B>, CaeError> {
+        let own_signal = self.opts.stop.load(Ordering::SeqCst).then(|| self.opts.signal.load(Ordering::SeqCst) as i32);
+        let local = LocalControl {
+            images: acc.images,
+            stop_signal: own_signal,
+            data_ended: acc.data_ended,
+            failed: acc.error.is_some(),
+            no_batch: acc.grads.is_none(),
+        };
+        let (grads, group, seconds) =
+            self.reducer.reduce::<B, _>(self.dist, model, acc.grads.take(), acc.losses.take(), local, &self.device)?;
+        acc.allreduce_seconds = seconds;
+        acc.images = group.images;
+        acc.data_ended = group.ended_ranks > 0;
+        acc.group_stop = group.stop_signal;
+        if group.failed_ranks > 0 && acc.error.is_none() {
+            acc.error = Some(CaeError::Data(format!(
+                "{} other rank(s) of the group stopped on a data error (their log names it)",
+                group.failed_ranks
+            )));
+        }
+        if group.ranks_without_batch == 0 {
+            acc.grads = Some(grads);
+            let l = group.losses.map(|x| x as f32);
+            acc.losses = Some(Tensor::from_floats(l, &self.device));
+        }
+        Ok(acc)
     }
 
     /// Teacher copy (spec §2.2: before the update), unscaling and clipping, then AdamW with
     /// `lr(t)` — or, with f16 loss scaling, GradScaler's skip-or-apply. Completes the step: its
     /// values wait on the device, the listeners hear of it.
-    fn update(&mut self, model: Cae<B>, acc: Accumulated<B>, started: Instant, syncs: u64) -> Result<Cae<B>, CaeError> {
+    fn update(
+        &mut self,
+        model: Cae<B>,
+        grads: GradientsParams,
+        acc: Accumulated<B>,
+        started: Instant,
+        syncs: u64,
+    ) -> Result<Cae<B>, CaeError> {
         let lr = self.schedule.lr(self.step as usize);
         let mut model = model.update_teacher();
         let loss_scale = self.scaler.scale();
-        let (grads, norm) = self.optimizer.unscale_and_clip(&model, acc.grads, loss_scale);
-        let values = Tensor::cat(vec![acc.losses, norm], 0); // [4]
+        let (grads, norm) = self.optimizer.unscale_and_clip(&model, grads, loss_scale);
+        let losses = acc.losses.unwrap_or_else(|| Tensor::zeros([3], &self.device));
+        let values = Tensor::cat(vec![losses, norm], 0); // [4]
         let (known, applied) = if self.scaler.enabled {
             // GradScaler's decision needs the values now: this step's one host sync.
             let v = read_f64s(values.clone())?;
@@ -290,6 +422,7 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
             tokenizer_wait: acc.wait.tokenizer,
             epoch: acc.epoch,
             skipped: !applied,
+            allreduce_seconds: self.dist.is_parallel().then_some(acc.allreduce_seconds),
         };
         for l in self.listeners.each() {
             l.on_step(&done);
@@ -323,15 +456,26 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
 
     /// The one way a checkpoint is written: every pending value and the weights' finiteness
     /// read at once, then — only if all are finite — the checkpoint of the last completed step.
+    /// Data parallel: every rank calls it after the same step; the loader states are gathered
+    /// and rank 0 writes (the others return the path it writes).
     fn checked_save(&mut self, model: &Cae<B>) -> Result<std::path::PathBuf, CaeError> {
+        let loaders = match self.dist.is_parallel() {
+            true => self.dist.gather_loader_states(self.last_resume)?,
+            false => Vec::new(),
+        };
         let bad = self.flush(nonfinite_count(&model.valid()))?;
         if bad.is_some_and(|n| n != 0.0) {
             self.pb().abandon();
             return Err(CaeError::NonFinite { what: "weights", step: self.step, value: f64::NAN });
         }
+        if !self.dist.is_root() {
+            self.checkpointed = self.step;
+            return Ok(self.saver.path_of(self.step));
+        }
         let t = Instant::now();
         let loss = self.summary.last_loss;
-        let path = self.saver.save(self.step, self.last_resume, loss, model, &self.optimizer, &self.scaler)?;
+        let state = super::SavedState { step: self.step, loader: self.last_resume, rank_loaders: loaders, loss };
+        let path = self.saver.save(&state, model, &self.optimizer, &self.scaler)?;
         self.checkpointed = self.step;
         for l in self.listeners.each() {
             l.on_checkpoint(self.step, &path, t.elapsed().as_secs_f64());
@@ -405,6 +549,7 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
 
     /// The last values read, the files flushed, the summary.
     fn finish(mut self) -> Result<RunSummary, CaeError> {
+        self.dist.disarm_watchdog();
         self.flush(None)?;
         for l in self.listeners.each() {
             l.on_end()?;
@@ -417,6 +562,7 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
             summary.late_mean_loss = Some(t.losses[t.losses.len() - tenth..].iter().sum::<f64>() / tenth as f64);
         }
         summary.end_step = self.step;
+        summary.stop_signal = self.stop_signal;
         if t.step_seconds > 0.0 {
             summary.data_wait_fraction = t.wait / t.step_seconds;
             summary.tokenizer_wait_fraction = t.tokenizer_wait / t.step_seconds;

@@ -20,14 +20,7 @@ fn shards(dir: &Path) -> PathBuf {
 }
 
 fn opts(run_dir: PathBuf, shards: &Path, resume: Option<PathBuf>) -> RunOptions {
-    RunOptions {
-        run_dir,
-        shards: shards.to_string_lossy().into_owned(),
-        resume,
-        stop: Arc::new(AtomicBool::new(false)),
-        progress: false,
-        init_from: None,
-    }
+    RunOptions { run_dir, shards: shards.to_string_lossy().into_owned(), resume, ..RunOptions::default() }
 }
 
 /// 8 steps of micro (pixels target) from the weights of `init` (so that runs compared with
