@@ -409,3 +409,6 @@ fn progress_bar(shown: bool, total: u64, step: u64) -> ProgressBar {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod parity;

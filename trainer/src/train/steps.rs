@@ -97,6 +97,55 @@ pub fn nonfinite_count<B: Backend, M: Module<B>>(module: &M) -> Option<Tensor<B,
     v.0
 }
 
+/// One micro-batch's forward (under the run's autocast) and backward: the loss is divided by
+/// the micro-batches per step and multiplied by the loss scale before the backward.
+pub(crate) struct MicroBatch<'m, B: AutodiffBackend> {
+    pub model: &'m Cae<B>,
+    pub dtype: crate::precision::Dtype,
+    pub accumulation: usize,
+    pub loss_scale: f64,
+}
+
+impl<B: AutodiffBackend> MicroBatch<'_, B> {
+    /// The gradients and `[loss, loss_main, loss_align] / accumulation` (unscaled).
+    pub fn run(
+        &self,
+        images: Tensor<B::InnerBackend, 4>,
+        visible: Tensor<B::InnerBackend, 2, burn::tensor::Int>,
+        masked: Tensor<B::InnerBackend, 2, burn::tensor::Int>,
+        targets: CaeTargets<B::InnerBackend>,
+    ) -> Result<(GradientsParams, Tensor<B::InnerBackend, 1>), CaeError> {
+        let targets = match targets {
+            CaeTargets::Tokens(t) => CaeTargets::Tokens(Tensor::from_inner(t)),
+            CaeTargets::Pixels(p) => CaeTargets::Pixels(Tensor::from_inner(p)),
+        };
+        let (x, vis, msk) = (Tensor::from_inner(images), Tensor::from_inner(visible), Tensor::from_inner(masked));
+        let out = crate::amp::autocast(self.dtype, || self.model.forward(x, vis, msk, &targets))?;
+        let k = self.accumulation;
+        let mut scaled = if k == 1 { out.loss.clone() } else { out.loss.clone() / k as f64 };
+        if self.loss_scale != 1.0 {
+            scaled = scaled.mul_scalar(self.loss_scale); // f16 loss scaling (GradScaler)
+        }
+        let grads = GradientsParams::from_grads(scaled.backward(), self.model);
+        let v = Tensor::cat(vec![out.loss.inner(), out.loss_main.inner(), out.loss_align.inner()], 0); // [3]
+        Ok((grads, if k == 1 { v } else { v / k as f64 }))
+    }
+}
+
+/// A step's update up to AdamW: the teacher hard copy (spec §2.2: after the forward, before the
+/// optimizer update), then unscaling by `loss_scale` and global-norm clipping (spec §4).
+/// Returns the model, the gradients to apply and the unscaled pre-clipping norm `[1]`.
+pub(crate) fn prepare_update<B: AutodiffBackend>(
+    model: Cae<B>,
+    optimizer: &CaeOptimizer<B, Cae<B>>,
+    grads: GradientsParams,
+    loss_scale: f64,
+) -> (Cae<B>, GradientsParams, Tensor<B::InnerBackend, 1>) {
+    let model = model.update_teacher();
+    let (grads, norm) = optimizer.unscale_and_clip(&model, grads, loss_scale);
+    (model, grads, norm)
+}
+
 /// Everything a step loop is made of (one struct, not a dozen arguments).
 pub(super) struct LoopParts<'a, B: AutodiffBackend> {
     pub config: &'a RunConfig,
@@ -308,20 +357,9 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
                     break;
                 }
             };
-            let targets = match batch.targets {
-                CaeTargets::Tokens(t) => CaeTargets::Tokens(Tensor::from_inner(t)),
-                CaeTargets::Pixels(p) => CaeTargets::Pixels(Tensor::from_inner(p)),
-            };
-            let (x, vis, msk) =
-                (Tensor::from_inner(batch.images), Tensor::from_inner(batch.visible), Tensor::from_inner(batch.masked));
-            let out = crate::amp::autocast(self.config.precision.dtype, || model.forward(x, vis, msk, &targets))?;
-            let mut scaled = if accum == 1 { out.loss.clone() } else { out.loss.clone() / accum as f64 };
-            if self.scaler.enabled {
-                scaled = scaled.mul_scalar(self.scaler.scale()); // f16 loss scaling (GradScaler)
-            }
-            let grads = GradientsParams::from_grads(scaled.backward(), model);
-            let v = Tensor::cat(vec![out.loss.inner(), out.loss_main.inner(), out.loss_align.inner()], 0); // [3]
-            let v = if accum == 1 { v } else { v / accum as f64 };
+            let scale = if self.scaler.enabled { self.scaler.scale() } else { 1.0 };
+            let pass = MicroBatch { model, dtype: self.config.precision.dtype, accumulation: accum, loss_scale: scale };
+            let (grads, v) = pass.run(batch.images, batch.visible, batch.masked, batch.targets)?;
             losses = Some(match losses {
                 Some(sum) => sum + v,
                 None => v,
@@ -391,9 +429,8 @@ impl<'a, B: AutodiffBackend> StepLoop<'a, B> {
         syncs: u64,
     ) -> Result<Cae<B>, CaeError> {
         let lr = self.schedule.lr(self.step as usize);
-        let mut model = model.update_teacher();
         let loss_scale = self.scaler.scale();
-        let (grads, norm) = self.optimizer.unscale_and_clip(&model, grads, loss_scale);
+        let (mut model, grads, norm) = prepare_update(model, &self.optimizer, grads, loss_scale);
         let losses = acc.losses.unwrap_or_else(|| Tensor::zeros([3], &self.device));
         let values = Tensor::cat(vec![losses, norm], 0); // [4]
         let (known, applied) = if self.scaler.enabled {
