@@ -7,15 +7,14 @@
 //! The metrics test uses the `test-hooks` feature (on in `cargo test --workspace`: the `tests`
 //! crate enables it).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use cae_trainer::train::{HANG_ENV, STEP_LOG, read_step_log};
 
 mod common;
-use common::{args, run, shards, spawn, text};
+use common::{args, free_port, run, scrape, shards, spawn, text};
 
 /// Every way a start can fail before training exits 2 and creates nothing; then the corrected
 /// command runs into the same `--out`. A directory with only what a failed start of an older
@@ -78,18 +77,6 @@ fn conflicting_flags_fail_before_the_run_dir_is_made() {
         assert!(text(&o).contains("cannot be used with"), "{}", text(&o));
         assert!(!out.exists(), "{extra:?}");
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn scrape(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
 }
 
 /// Waits until the child's stderr has a line containing `needle` (stderr drained in a thread).

@@ -225,10 +225,10 @@ fn a_killed_rank_ends_the_job_and_the_group_resumes_where_it_was() {
     let Some((_one, tmp)) = setup() else { return };
     let shards = common::shards(tmp.path());
     let (whole, cut) = (tmp.path().join("whole"), tmp.path().join("cut"));
-    let args = |out: &Path| run_args(&shards, out, 6, 2, 2, &["--checkpoint-every", "2", "--resume", "auto"]);
+    let args = |out: &Path| run_args(&shards, out, 20, 2, 2, &["--checkpoint-every", "2", "--resume", "auto"]);
     reference(&args(&whole));
-    let job = Watched::new(mpirun(&args(&cut), &[(HANG_ENV, "4")]));
-    job.wait_for("hang after step 4", Duration::from_secs(120));
+    let job = Watched::new(mpirun(&args(&cut), &[]));
+    job.wait_for("step      4/", Duration::from_secs(120));
     signal(rank_pid(&cut, 1), "-KILL");
     let (status, all, took) = job.exit(Duration::from_secs(60));
     assert!(!status.success(), "{all}");
@@ -274,8 +274,16 @@ fn a_stopped_rank_trips_the_watchdog() {
     let Some((_one, tmp)) = setup() else { return };
     let shards = common::shards(tmp.path());
     let out = tmp.path().join("run");
-    let job = Watched::new(mpirun(&run_args(&shards, &out, 500, 2, 2, &["--dist-timeout", "3"]), &[]));
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut a = run_args(&shards, &out, 500, 2, 2, &["--dist-timeout", "3", "--metrics-addr", &addr]);
+    let at = a.iter().position(|x| x == "off").unwrap(); // common::args' `--metrics-addr off`
+    a.drain(at - 1..=at);
+    let job = Watched::new(mpirun(&a, &[]));
     job.wait_for("step      2/", Duration::from_secs(120));
+    // Every rank serves its own series on the port plus its local rank, labelled by rank.
+    let rank1 = common::scrape(port + 1);
+    assert!(rank1.contains("cae_train_allreduce_seconds") && rank1.contains("rank=\"1\""), "{rank1}");
     let stopped = rank_pid(&out, 1);
     signal(stopped, "-STOP");
     let (status, all, took) = job.exit(Duration::from_secs(60));
@@ -283,6 +291,7 @@ fn a_stopped_rank_trips_the_watchdog() {
     assert!(!status.success(), "{all}");
     assert!(all.contains("rank 0: no collective completed for"), "{all}");
     assert!(all.contains("waiting in the all-reduce"), "{all}");
+    assert!(all.contains("rank 1 stopped answering"), "the hung rank is named:\n{all}");
     assert!(took < Duration::from_secs(30), "took {took:?}");
 }
 

@@ -208,6 +208,7 @@ fn start(plan: RunPlan, dist: Rc<Dist>) -> anyhow::Result<()> {
         }
     }
     let (run_dir, shards, _lock) = open_group_run(&plan, &dist)?;
+    dist.heartbeat_in(run_dir.join("ranks"));
     let metrics_url = plan.metrics_addr.and_then(|a| start_metrics(a, &dist));
     let stop = Arc::new(AtomicBool::new(false));
     let signal = Arc::new(AtomicUsize::new(0));

@@ -170,6 +170,14 @@ impl Dist {
             .collect()
     }
 
+    /// Where the watchdog keeps this rank's heartbeat (a folder every rank sees: the run
+    /// directory's `ranks/`), so that the rank that fires can name a silent one.
+    pub fn heartbeat_in(&self, dir: std::path::PathBuf) {
+        if let Some(w) = &self.watchdog {
+            w.heartbeat_in(dir);
+        }
+    }
+
     /// Arms the watchdog (at the first step: setup may take long, a step may not), with the
     /// step the loop is at.
     pub fn arm_watchdog(&self, step: u64) {
