@@ -144,27 +144,47 @@ pub(super) fn config_differences(a: &RunConfig, b: &RunConfig) -> anyhow::Result
 /// finishes its step, writes a checkpoint and the process exits with 128 + the signal's number)
 /// and records which signal it was in `signal`; a second one while `stop` is set exits at once
 /// with 128 + its number. The first is acknowledged at once.
-fn install_signal_handlers(stop: &Arc<AtomicBool>, signal: &Arc<AtomicUsize>) -> anyhow::Result<()> {
+fn install_signal_handlers(stop: &Arc<AtomicBool>, signal: &Arc<AtomicUsize>) -> anyhow::Result<StopNotice> {
     cae_pipeline::signals::install(stop, signal).context("installing signal handlers")?;
-    acknowledge_stop(Arc::clone(stop), Arc::clone(signal));
-    Ok(())
+    let notice = StopNotice { stop: Arc::clone(stop), signal: Arc::clone(signal), said: Arc::default() };
+    notice.watch();
+    Ok(notice)
 }
 
-/// Says at once that a stop was heard (the step in flight may take a while to finish): a thread
-/// that watches the flag the handlers set.
-fn acknowledge_stop(stop: Arc<AtomicBool>, signal: Arc<AtomicUsize>) {
-    let watch = move || {
-        while !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(50));
+/// Says once, as soon as it is heard, that a stop was asked for (the step in flight may take a
+/// while to finish): a thread watches the flag the handlers set, and the run's end says it too
+/// if the thread had not yet (a fast step can finish first).
+#[derive(Clone)]
+struct StopNotice {
+    stop: Arc<AtomicBool>,
+    signal: Arc<AtomicUsize>,
+    said: Arc<AtomicBool>,
+}
+
+impl StopNotice {
+    fn watch(&self) {
+        let notice = self.clone();
+        let watch = move || {
+            while !notice.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            notice.say_once();
+        };
+        if let Err(e) = std::thread::Builder::new().name("stop-notice".into()).spawn(watch) {
+            tracing::warn!("cannot start the stop-notice thread: {e}");
         }
-        let name = cae_pipeline::signals::name(signal.load(Ordering::SeqCst));
+    }
+
+    /// The notice, if a signal asked to stop and it was not said yet.
+    fn say_once(&self) {
+        if !self.stop.load(Ordering::SeqCst) || self.said.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let name = cae_pipeline::signals::name(self.signal.load(Ordering::SeqCst));
         say_err!(
             "{name} received: stopping after this step and writing a checkpoint (send it again to exit at once, \
              without one)"
         );
-    };
-    if let Err(e) = std::thread::Builder::new().name("stop-notice".into()).spawn(watch) {
-        tracing::warn!("cannot start the stop-notice thread: {e}");
     }
 }
 
@@ -212,7 +232,7 @@ fn start(plan: RunPlan, dist: Rc<Dist>) -> anyhow::Result<()> {
     let metrics_url = plan.metrics_addr.and_then(|a| start_metrics(a, &dist));
     let stop = Arc::new(AtomicBool::new(false));
     let signal = Arc::new(AtomicUsize::new(0));
-    install_signal_handlers(&stop, &signal)?;
+    let notice = install_signal_handlers(&stop, &signal)?;
     print_header(&plan, &dist, &run_dir, metrics_url.as_deref());
     let opts = RunOptions {
         run_dir,
@@ -225,7 +245,9 @@ fn start(plan: RunPlan, dist: Rc<Dist>) -> anyhow::Result<()> {
         quiet: false,
         init_from: plan.init_from.clone(),
     };
-    let summary = on_device(plan.device, Train(&plan.config, &opts))?;
+    let summary = on_device(plan.device, Train(&plan.config, &opts));
+    notice.say_once();
+    let summary = summary?;
     print_summary(&summary, &dist, metrics_url.as_deref());
     if summary.interrupted {
         // Stopped by a signal before the schedule's end, its checkpoint written: a scheduler
