@@ -263,14 +263,15 @@ fn generate_with(out: &Path, spec: &FixtureSpec, paint: &Painter) -> Result<Fixt
     Ok(Fixtures { train_dir, files })
 }
 
-fn write(path: &Path, bytes: &[u8]) -> Result<(), FixtureError> {
+/// Writes `bytes` to `path` (the scenes set shares it).
+pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<(), FixtureError> {
     let io = |source| FixtureError::Io { path: path.to_path_buf(), source };
     let mut f = fs::File::create(path).map_err(io)?;
     f.write_all(bytes).map_err(io)
 }
 
 /// SplitMix64-style mixing of the seed with two indices, so every image has its own stream.
-fn mix(seed: u64, a: u64, b: u64) -> u64 {
+pub(crate) fn mix(seed: u64, a: u64, b: u64) -> u64 {
     let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xD1B5_4A32_D192_ED03);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -358,7 +359,8 @@ fn luma(r: u8, g: u8, b: u8) -> u8 {
     ((r as u32 * 299 + g as u32 * 587 + b as u32 * 114) / 1000) as u8
 }
 
-fn encode_rgb(
+/// Baseline 4:2:0 RGB JPEG (the scenes set shares it).
+pub(crate) fn encode_rgb(
     rgb: &[u8],
     w: u32,
     h: u32,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cae_tools::fixtures::{FixtureSpec, generate, generate_structured};
+use cae_tools::scenes::{SceneSpec, generate_scenes};
 use clap::Parser;
 
 /// Write a deterministic ImageNet-style folder `OUT/train/<wnid>/<wnid>_<n>.JPEG` of photo-like
@@ -18,9 +19,9 @@ struct Args {
     /// Number of classes.
     #[arg(long, default_value_t = 10)]
     classes: usize,
-    /// Ordinary images per class.
-    #[arg(long, default_value_t = 40)]
-    per_class: usize,
+    /// Ordinary images per class (default 40; with --scenes: train images per class, default 120).
+    #[arg(long)]
+    per_class: Option<usize>,
     /// Seed for every random choice.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -31,16 +32,41 @@ struct Args {
     /// instead of the photo-like ones.
     #[arg(long)]
     structured: bool,
-    /// Largest image side.
+    /// Largest image side (not with --scenes).
     #[arg(long, default_value_t = 2000)]
     max_side: u32,
+    /// The object-centric scenes set instead (1-3 small copies of the class's shape per image,
+    /// with clutter; at most 10 classes): OUT/train/<class>/*.jpg, OUT/val/<class>/*.jpg and
+    /// OUT/scenes.tsv.
+    #[arg(long, conflicts_with = "structured")]
+    scenes: bool,
+    /// With --scenes: val images per class.
+    #[arg(long, default_value_t = 30, requires = "scenes")]
+    val_per_class: usize,
+    /// With --scenes: nominal image side (each side within ±8 % of it).
+    #[arg(long, default_value_t = 200, requires = "scenes")]
+    side: u32,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.scenes {
+        let spec = SceneSpec {
+            classes: args.classes,
+            train_per_class: args.per_class.unwrap_or(120),
+            val_per_class: args.val_per_class,
+            seed: args.seed,
+            side: args.side,
+            ..SceneSpec::default()
+        };
+        let s = generate_scenes(&args.out, &spec)
+            .with_context(|| format!("generating scenes in {}", args.out.display()))?;
+        println!("wrote {} images under {} and {}", s.files.len(), s.train_dir.display(), s.val_dir.display());
+        return Ok(());
+    }
     let spec = FixtureSpec {
         classes: args.classes,
-        per_class: args.per_class,
+        per_class: args.per_class.unwrap_or(40),
         seed: args.seed,
         odd_files: !args.no_odd,
         max_side: args.max_side,
