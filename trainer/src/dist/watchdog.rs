@@ -32,9 +32,9 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Starts the watchdog thread (disarmed); `abort` ends the job.
-    pub fn start(rank: usize, timeout: Duration, abort: fn(i32) -> !) -> Arc<Self> {
-        let w = Arc::new(Self {
+    /// A disarmed watchdog of `rank`, without its thread.
+    fn new(rank: usize, timeout: Duration) -> Self {
+        Self {
             rank,
             timeout,
             started: Instant::now(),
@@ -43,7 +43,12 @@ impl Watchdog {
             step: AtomicU64::new(0),
             waiting_in: Mutex::new(""),
             heartbeats: Mutex::new(None),
-        });
+        }
+    }
+
+    /// Starts the watchdog thread (disarmed); `abort` ends the job.
+    pub fn start(rank: usize, timeout: Duration, abort: fn(i32) -> !) -> Arc<Self> {
+        let w = Arc::new(Self::new(rank, timeout));
         let watched = Arc::clone(&w);
         let spawned = std::thread::Builder::new().name("dist-watchdog".into()).spawn(move || watched.watch(abort));
         if let Err(e) = spawned {
@@ -198,16 +203,7 @@ mod tests {
     }
 
     fn unwatched(rank: usize) -> Watchdog {
-        Watchdog {
-            rank,
-            timeout: Duration::from_secs(1),
-            started: Instant::now(),
-            last_done_ms: AtomicU64::new(0),
-            armed: AtomicBool::new(false),
-            step: AtomicU64::new(0),
-            waiting_in: Mutex::new(""),
-            heartbeats: Mutex::new(None),
-        }
+        Watchdog::new(rank, Duration::from_secs(1))
     }
 
     #[test]

@@ -29,7 +29,7 @@ fn json(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(golden(name)).unwrap()).unwrap()
 }
 
-/// Batch `s` of the golden batches: images, visible, masked, tokens.
+/// The golden batches (all of them, batch-major): images, visible, masked, tokens.
 struct Batches {
     images: Vec<f32>,
     visible: Vec<i64>,
@@ -50,7 +50,7 @@ fn batches() -> Batches {
 }
 
 /// Every trainable float parameter (encoder, regressor, decoder: not the teacher), flattened,
-/// in module order, with its index.
+/// in module order.
 fn trainable(model: &Cae<AB>) -> Vec<Vec<f32>> {
     struct V(Vec<Vec<f32>>);
     impl ModuleVisitor<AB> for V {

@@ -177,12 +177,10 @@ struct Listeners {
 }
 
 impl Listeners {
-    fn each(&mut self) -> Vec<&mut dyn Listener> {
-        let mut all: Vec<&mut dyn Listener> = vec![&mut self.prometheus, &mut self.console, &mut self.totals];
-        if let Some(log) = &mut self.log {
-            all.insert(0, log);
-        }
-        all
+    fn each(&mut self) -> impl Iterator<Item = &mut dyn Listener> {
+        let log = self.log.as_mut().map(|l| l as &mut dyn Listener);
+        let rest: [&mut dyn Listener; 3] = [&mut self.prometheus, &mut self.console, &mut self.totals];
+        log.into_iter().chain(rest)
     }
 }
 
